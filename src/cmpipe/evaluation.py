@@ -1,0 +1,328 @@
+"""Inception features, FID and KID, exactly as clean-fid computes them (mode 'clean').
+
+clean-fid's folder pipeline, which this module reproduces on in-memory arrays:
+  PIL opens the PNG and converts it to RGB (a gray image repeats its channel),
+  each channel is resized on its own as a float32 PIL image ('F' mode) with
+  bicubic filtering to 299x299 and clipped to [0, 255] without re-quantising,
+  the result goes to NVIDIA's TorchScript Inception as (x - 128) / 128, and the
+  2048-d pool features come back as float32.
+Going through arrays instead of PNG files skips the disk and the DataLoader;
+the features equal clean-fid's own (tests/test_evaluation.py checks it).
+
+One pass of features per image set feeds both metrics: FID from (mu, sigma) and
+KID from the features themselves, so the reference set is stored with both.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import assets
+
+log = logging.getLogger(__name__)
+
+MODE = "clean"
+INCEPTION_SIZE = 299
+FEATURE_DIM = assets.FEATURE_DIM
+
+
+def cleanfid_version() -> str:
+    # cleanfid has no __version__ attribute; the distribution metadata has it.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clean-fid")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- model
+class InceptionExtractor:
+    """clean-fid's InceptionV3W on the offline weights, ready to take 299x299 batches.
+
+    Call it with a float32 tensor N x 3 x 299 x 299 in [0, 255]; it returns N x 2048.
+    """
+
+    def __init__(self, model, device, channels_last: bool, path: Path):
+        self.model = model
+        self.device = device
+        self.channels_last = channels_last
+        self.path = path
+
+    def __call__(self, batch):
+        import torch
+
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        batch = batch.to(self.device).contiguous(memory_format=memory_format)
+        with torch.no_grad():
+            return self.model(batch)
+
+
+def build_inception(device: Any = "cpu", channels_last: bool = True,
+                    path: str | Path | None = None) -> InceptionExtractor:
+    """clean-fid's feature extractor for mode 'clean', loaded from the offline file.
+
+    path: a TorchScript ``inception-2015-12-05.pt``; default `assets.inception_path()`.
+    channels_last: NHWC activations let oneDNN pick its fast convolutions on CPU
+      (DESIGN.md 4b: ~15 img/s instead of ~5 on two cores); the features differ
+      from NCHW ones only by float rounding (~1e-6 relative).
+    """
+    import torch
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    # Denormal floats slow CPU convolutions several-fold (DESIGN.md 4b).
+    torch.set_flush_denormal(True)
+    device = torch.device(device)
+    path = Path(path) if path is not None else assets.inception_path()
+    if path.name != assets.INCEPTION_NAME:
+        # InceptionV3W takes a folder and appends this exact file name.
+        raise ValueError(f"{path}: InceptionV3W loads a file named {assets.INCEPTION_NAME}; "
+                         f"rename it or pass its folder's copy")
+    try:
+        with assets.quiet_jit():
+            model = InceptionV3W(str(path.parent), download=False)
+    except Exception as e:
+        raise RuntimeError(f"could not load the Inception file {path} ({e}); delete it and run "
+                           f"`python -m cmpipe.assets` to make it again") from e
+    model = model.eval().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return InceptionExtractor(model, device, channels_last, path)
+
+
+# --------------------------------------------------------------------------- inputs
+def validate_images(images: Any, name: str = "images") -> np.ndarray:
+    """Check that `images` is a uint8 numpy array N x H x W x C with C in {1, 3}."""
+    if not isinstance(images, np.ndarray):
+        kind = type(images).__module__ + "." + type(images).__name__
+        raise TypeError(f"{name}: expected a numpy uint8 array N x H x W x C, got {kind}; "
+                        f"convert it (a torch N x C x H x W tensor: x.permute(0, 2, 3, 1).numpy())")
+    if images.dtype != np.uint8:
+        raise TypeError(f"{name}: dtype is {images.dtype}, expected uint8 in [0, 255]; images in "
+                        f"[-1, 1] become uint8 via ((x + 1) * 127.5).round().clip(0, 255)")
+    if images.ndim != 4:
+        raise ValueError(f"{name}: shape {images.shape} has {images.ndim} dimensions, expected 4 "
+                         f"(N x H x W x C); a single gray image set needs a trailing channel axis")
+    n, h, w, c = images.shape
+    if c not in (1, 3):
+        hint = ""
+        if images.shape[1] in (1, 3):
+            hint = "; it looks like N x C x H x W: transpose it with .transpose(0, 2, 3, 1)"
+        raise ValueError(f"{name}: shape {images.shape} has {c} channels in the last axis, "
+                         f"expected 1 or 3 (N x H x W x C){hint}")
+    if n == 0 or h == 0 or w == 0:
+        raise ValueError(f"{name}: shape {images.shape} holds no pixels")
+    return images
+
+
+def resize_clean(images: np.ndarray) -> np.ndarray:
+    """clean-fid's 'clean' resize of uint8 N x H x W x {1,3}: float32 N x 299 x 299 x 3.
+
+    Gray images repeat their channel first, as PIL's convert('RGB') does in
+    clean-fid's folder loader; the resizer itself is clean-fid's.
+    """
+    from cleanfid.resize import build_resizer
+
+    images = validate_images(images)
+    resize = build_resizer(MODE)
+    out = np.empty((len(images), INCEPTION_SIZE, INCEPTION_SIZE, 3), dtype=np.float32)
+    for i, img in enumerate(images):
+        if img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)
+        out[i] = resize(img)
+    return out
+
+
+def inception_features(images: np.ndarray, batch_size: int = 50, device: Any = "cpu",
+                       progress: bool = True, model: InceptionExtractor | None = None,
+                       desc: str = "inception") -> np.ndarray:
+    """float32 N x 2048 Inception features of uint8 images N x H x W x C (C = 1 or 3).
+
+    Equal, up to float rounding, to `cleanfid.fid.get_folder_features(..., mode='clean')`
+    on the same images saved as PNG files. Pass `model` (from build_inception) to
+    reuse a loaded network across calls; `device` is used only when model is None.
+    """
+    import torch
+    from tqdm import tqdm
+
+    images = validate_images(images)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size = {batch_size!r} must be a positive integer")
+    if model is None:
+        model = build_inception(device)
+    n = len(images)
+    feats = np.empty((n, FEATURE_DIM), dtype=np.float32)
+    t0 = time.perf_counter()
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            chunk = images[start:start + batch_size]
+            # N x 299 x 299 x 3 float32 -> N x 3 x 299 x 299 view: already channels-last in memory.
+            x = torch.from_numpy(resize_clean(chunk)).permute(0, 3, 1, 2)
+            out = model(x)
+            if out.shape != (len(chunk), FEATURE_DIM):
+                raise RuntimeError(f"Inception returned shape {tuple(out.shape)}, expected "
+                                   f"({len(chunk)}, {FEATURE_DIM}); is {model.path} the right file?")
+            feats[start:start + len(chunk)] = out.float().cpu().numpy()
+            bar.update(len(chunk))
+    dt = time.perf_counter() - t0
+    log.info("%s: %d images in %.1f s (%.1f img/s)", desc, n, dt, n / max(dt, 1e-9))
+    return feats
+
+
+# --------------------------------------------------------------------------- metrics
+def _validate_features(feats: Any, name: str, min_count: int = 2) -> np.ndarray:
+    if not isinstance(feats, np.ndarray) or feats.ndim != 2:
+        shape = getattr(feats, "shape", None)
+        raise ValueError(f"{name}: expected a 2-D array N x D of features, got shape {shape}")
+    if len(feats) < min_count:
+        raise ValueError(f"{name}: {len(feats)} feature rows; at least {min_count} are needed "
+                         f"(a covariance or an unbiased KID needs two samples)")
+    if not np.isfinite(feats).all():
+        raise ValueError(f"{name}: features contain NaN or inf")
+    return feats
+
+
+def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) in float64: the mean and the unbiased covariance (np.cov, as clean-fid)."""
+    feats = _validate_features(feats, "features").astype(np.float64, copy=False)
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance of two Gaussians, with clean-fid's `frechet_distance`.
+
+    ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)). Uses scipy's sqrtm of a D x D
+    matrix: tens of seconds for D = 2048 on two CPU cores.
+    """
+    from cleanfid.fid import frechet_distance
+
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"FID statistics disagree in shape: mu1 {mu1.shape}, sigma1 {sigma1.shape}, "
+                         f"mu2 {mu2.shape}, sigma2 {sigma2.shape}")
+    if d == 1:
+        # scipy >= 1.16's sqrtm returns a bare array for 1x1 input even with disp=False, so
+        # clean-fid's `covmean, _ = sqrtm(...)` fails; the 1-D distance has a closed form.
+        s1, s2 = float(sigma1[0, 0]), float(sigma2[0, 0])
+        return float((mu1[0] - mu2[0]) ** 2 + s1 + s2 - 2 * np.sqrt(max(s1 * s2, 0.0)))
+    try:
+        with warnings.catch_warnings():
+            # clean-fid passes sqrtm's disp=False, deprecated in scipy 1.17 (harmless here).
+            warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated",
+                                    category=DeprecationWarning)
+            return float(frechet_distance(mu1, sigma1, mu2, sigma2))
+    except ValueError as e:
+        if "Imaginary component" not in str(e):
+            raise
+        raise ValueError(f"FID failed: {e}. The covariance product has a large imaginary square "
+                         f"root, which happens when a set has far fewer images than feature "
+                         f"dimensions ({d}); evaluate more images") from e
+
+
+def fid(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
+    """FID of a feature set against reference statistics."""
+    mu, sigma = feature_stats(feats)
+    return fid_from_stats(mu, sigma, mu_ref, sigma_ref)
+
+
+@contextmanager
+def _numpy_global_seed(seed: int):
+    # clean-fid's kernel_distance draws its subsets from numpy's global RNG; seed it so
+    # that KID is reproducible (a DVC metric must not change on a rerun), then put the
+    # caller's RNG state back.
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def kid(feats: np.ndarray, ref_feats: np.ndarray, num_subsets: int = 100,
+        max_subset_size: int = 1000, seed: int = 0) -> float:
+    """KID (unbiased MMD^2, cubic polynomial kernel) with clean-fid's `kernel_distance`.
+
+    Each of `num_subsets` draws takes m = min(len(feats), len(ref_feats), max_subset_size)
+    rows of each set without replacement; the result is their mean. Deterministic for a seed.
+    """
+    from cleanfid.fid import kernel_distance
+
+    feats = _validate_features(feats, "features")
+    ref_feats = _validate_features(ref_feats, "reference features")
+    if feats.shape[1] != ref_feats.shape[1]:
+        raise ValueError(f"feature dimensions differ: {feats.shape[1]} vs reference {ref_feats.shape[1]}")
+    if num_subsets < 1:
+        raise ValueError(f"num_subsets = {num_subsets} must be at least 1")
+    if max_subset_size < 2:
+        raise ValueError(f"max_subset_size = {max_subset_size} must be at least 2")
+    with _numpy_global_seed(seed):
+        return float(kernel_distance(feats, ref_feats, num_subsets=num_subsets,
+                                     max_subset_size=max_subset_size))
+
+
+# --------------------------------------------------------------------------- reference files
+def _atomic_savez(path: str | Path, **arrays) -> Path:
+    """np.savez into a temporary file next to `path`, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_reference(path: str | Path, features: np.ndarray, protocol: dict) -> dict:
+    """Write reference features, their (mu, sigma) and the protocol (JSON) to an .npz."""
+    features = _validate_features(features, "reference features")
+    mu, sigma = feature_stats(features)
+    _atomic_savez(path, features=features, mu=mu, sigma=sigma,
+                  protocol=np.array(json.dumps(protocol, sort_keys=True)))
+    return {"features": features, "mu": mu, "sigma": sigma, "protocol": protocol}
+
+
+def load_reference(path: str | Path) -> dict:
+    """Read a file written by save_reference: features, mu, sigma and protocol (a dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the fid_ref stage first (`dvc repro fid_ref`)")
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in ("features", "mu", "sigma", "protocol") if k not in z.files]
+        if missing:
+            raise ValueError(f"{path} lacks {missing}; it was not written by the fid_ref stage: "
+                             f"rerun it (`dvc repro -f fid_ref`)")
+        ref = {k: z[k] for k in ("features", "mu", "sigma")}
+        ref["protocol"] = json.loads(str(z["protocol"]))
+    return ref

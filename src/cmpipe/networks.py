@@ -1,0 +1,175 @@
+"""The UNet factory and the two preconditioned wrappers (DESIGN.md section 3).
+
+Both wrappers call the raw network as F(c_in(sigma) x, c_noise(sigma)) with the
+time input c_noise = 1000 * 0.25 * ln(sigma) of the openai and diffusers
+consistency models, and differ only in c_skip and c_out:
+
+* `EDMDenoiser` (the teacher): EDM's scalings (Karras et al. 2022, Table 1).
+* `ConsistencyFunction` (the student): the boundary-condition scalings of
+  Song et al. 2023 (Appendix C), so that f(x, eps) = x exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def unet_config(block_out_channels, layers_per_block, attention_levels, dropout,
+                resolution: int, channels: int) -> dict:
+    """Keyword arguments of diffusers' UNet2DModel for params.yaml's `model` section."""
+    levels = len(block_out_channels)
+    if levels < 1:
+        raise ValueError("model.block_out_channels must list at least one level")
+    if resolution % (2 ** (levels - 1)) != 0:
+        raise ValueError(f"model.block_out_channels has {levels} levels, which halve the resolution "
+                         f"{levels - 1} times, but the images are {resolution}x{resolution}: "
+                         f"use at most {1 + _halvings(resolution)} levels")
+    bad = [a for a in attention_levels if not 0 <= a < levels]
+    if bad:
+        raise ValueError(f"model.attention_levels {bad} are not levels of model.block_out_channels "
+                         f"(0..{levels - 1})")
+    return dict(
+        sample_size=resolution,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=list(block_out_channels),
+        layers_per_block=layers_per_block,
+        down_block_types=["AttnDownBlock2D" if i in attention_levels else "DownBlock2D"
+                          for i in range(levels)],
+        up_block_types=["AttnUpBlock2D" if i in attention_levels else "UpBlock2D"
+                        for i in reversed(range(levels))],
+        norm_num_groups=_norm_groups(block_out_channels),
+        dropout=dropout,
+        attention_head_dim=8,
+    )
+
+
+def _halvings(n: int) -> int:
+    k = 0
+    while n % 2 == 0:
+        n //= 2
+        k += 1
+    return k
+
+
+def _norm_groups(channels) -> int:
+    # The largest group count <= 32 that divides every level and leaves >= 4
+    # channels per group at the first level (GroupNorm over 1 channel is unstable).
+    g = math.gcd(*channels)
+    cap = max(1, min(32, channels[0] // 4))
+    return max(d for d in range(1, cap + 1) if g % d == 0)
+
+
+def build_unet(config: dict) -> nn.Module:
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**config)
+
+
+def c_noise(sigma: torch.Tensor) -> torch.Tensor:
+    """Time input of the network: 1000 * 0.25 * ln(sigma + 1e-44) (openai/diffusers CM)."""
+    return 1000 * 0.25 * torch.log(sigma + 1e-44)
+
+
+class Preconditioned(nn.Module):
+    """out = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))."""
+
+    def __init__(self, net: nn.Module, sigma_data: float):
+        super().__init__()
+        self.net = net
+        self.sigma_data = float(sigma_data)
+
+    def scalings(self, sigma: torch.Tensor):  # -> c_skip, c_out, c_in
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        sigma = sigma.reshape(-1).float()
+        c_skip, c_out, c_in = (c.reshape(-1, 1, 1, 1) for c in self.scalings(sigma))
+        F = self.net((c_in * x).to(x.dtype), c_noise(sigma)).sample
+        return (c_skip * x + c_out * F.float()).to(x.dtype)
+
+
+class EDMDenoiser(Preconditioned):
+    """D(x; sigma) of EDM: c_skip = sd^2/(s^2+sd^2), c_out = s sd / sqrt(s^2+sd^2)."""
+
+    def scalings(self, sigma):
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sigma**2 + sd**2).sqrt()
+        return c_skip, c_out, c_in
+
+
+class ConsistencyFunction(Preconditioned):
+    """f(x, sigma) with c_skip = sd^2/((s-eps)^2+sd^2), c_out = (s-eps) sd / sqrt(s^2+sd^2).
+
+    At sigma = eps, c_skip = 1 and c_out = 0: the boundary condition f(x, eps) = x
+    holds exactly, whatever the network outputs.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float, sigma_min: float):
+        super().__init__(net, sigma_data)
+        self.sigma_min = float(sigma_min)
+
+    def scalings(self, sigma):
+        sd, eps = self.sigma_data, self.sigma_min
+        c_skip = sd**2 / ((sigma - eps) ** 2 + sd**2)
+        c_out = (sigma - eps) * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sigma**2 + sd**2).sqrt()
+        return c_skip, c_out, c_in
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- saved models -------------------------------------------------------------
+# A saved model is a dict of plain tensors and JSON-like values, read back with
+# torch.load(weights_only=True): loading a checkpoint never runs code from it.
+
+class CheckpointError(ValueError):
+    """A model file is missing, unreadable or of another kind or configuration."""
+
+
+def save_model(path, kind: str, unet: dict, weights: dict, meta: dict | None = None):
+    """Save `weights` (name -> state_dict, e.g. {"ema": ..., "model": ...}) atomically."""
+    from .training import atomic_save
+
+    atomic_save({"format": "cmpipe-model-1", "kind": kind, "unet": unet,
+                 "weights": {k: {n: t.detach().cpu() for n, t in sd.items()} for k, sd in weights.items()},
+                 "meta": meta or {}}, path)
+
+
+def read_model_file(path, kinds: tuple[str, ...]) -> dict:
+    import os
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"model file {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read model file {path} ({type(e).__name__}: {e}); it is "
+                              f"truncated, corrupt or not a model saved by this pipeline") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "cmpipe-model-1":
+        raise CheckpointError(f"{path} is not a model saved by this pipeline (no 'cmpipe-model-1' format tag)")
+    if ckpt.get("kind") not in kinds:
+        raise CheckpointError(f"{path} holds a {ckpt.get('kind')!r} model; expected one of {list(kinds)}")
+    return ckpt
+
+
+def load_network(path, kinds: tuple[str, ...], which: str = "ema") -> tuple[nn.Module, dict]:
+    """Build the UNet described in a saved model and load its `which` weights (strictly)."""
+    ckpt = read_model_file(path, kinds)
+    if which not in ckpt["weights"]:
+        raise CheckpointError(f"{path} has no {which!r} weights (it has {list(ckpt['weights'])})")
+    net = build_unet(ckpt["unet"])
+    try:
+        net.load_state_dict(ckpt["weights"][which])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit its network configuration: {e}") from None
+    return net, ckpt

@@ -1,0 +1,235 @@
+"""The typed schema of params.yaml and its validation.
+
+Each stage calls `load(section)` (or `load_keys`) before any work: unknown keys,
+missing keys, wrong types and out-of-range values fail with a `ParamsError`
+that names the key (``teacher.lr``) and says what is allowed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params.yaml key is unknown, missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Key:
+    type: str  # int | float | bool | str | int_list | bool_list | ts_map
+    min: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    nullable: bool = False
+    help: str = ""
+
+
+def _k(type_, **kw):
+    return Key(type_, **kw)
+
+
+POS = dict(min=1)
+SCHEMA: dict[str, dict[str, Key]] = {
+    "shard": {
+        "source": _k("str", choices=("fashion_mnist", "mnist", "cifar10", "image_folder", "npz")),
+        "path": _k("str"),
+        "download": _k("bool"),
+        "resolution": _k("int", min=4, max=1024),
+        "resize_mode": _k("str", choices=("resize", "pad")),
+        "channels": _k("int", choices=(1, 3)),
+        "limit": _k("int", min=1, nullable=True),
+        "images_per_shard": _k("int", **POS),
+        "train_split": _k("str"),
+        "ref_split": _k("str"),
+    },
+    "fid_ref": {
+        "count": _k("int", min=2),
+        "batch_size": _k("int", **POS),
+    },
+    "diffusion": {
+        "sigma_min": _k("float", min=1e-6),
+        "sigma_max": _k("float", min=1e-3),
+        "sigma_data": _k("float", min=1e-6),
+        "rho": _k("float", min=1e-3),
+        "num_scales": _k("int", min=2, max=10000),
+    },
+    "model": {
+        "block_out_channels": _k("int_list", min=1),
+        "layers_per_block": _k("int", **POS),
+        "attention_levels": _k("int_list", min=0),
+        "dropout": _k("float", min=0.0, max=0.9),
+    },
+    "teacher": {
+        "checkpoint": _k("str", nullable=True),
+        "seed": _k("int", min=0),
+        "images": _k("int", **POS),
+        "batch_size": _k("int", **POS),
+        "lr": _k("float", min=1e-12, max=1.0),
+        "warmup_images": _k("int", min=0),
+        "grad_clip": _k("float", min=0.0, nullable=True),
+        "ema_decay": _k("float", min=0.0, max=1.0),
+        "P_mean": _k("float"),
+        "P_std": _k("float", min=1e-6),
+        "checkpoint_every": _k("int", **POS),
+        "log_every": _k("int", **POS),
+        "grid_steps": _k("int", min=1, max=1000),
+    },
+    "trajectories": {
+        "num_pairs": _k("int", **POS),
+        "seed": _k("int", min=0),
+        "batch_size": _k("int", **POS),
+        "images_per_shard": _k("int", **POS),
+        "device": _k("str", choices=("auto", "cpu", "cuda")),
+        "bf16": _k("bool"),
+    },
+    "distill": {
+        "mode": _k("str", choices=("cd",)),
+        "seed": _k("int", min=0),
+        "images": _k("int", **POS),
+        "batch_size": _k("int", **POS),
+        "lr": _k("float", min=1e-12, max=1.0),
+        "warmup_images": _k("int", min=0),
+        "grad_clip": _k("float", min=0.0, nullable=True),
+        "metric": _k("str", choices=("l2", "l1", "pseudo_huber")),
+        "huber_c": _k("float", min=1e-12, nullable=True),
+        "mu": _k("float", min=0.0, max=1.0),
+        "ema_decay": _k("float", min=0.0, max=1.0),
+        "checkpoint_every": _k("int", **POS),
+        "log_every": _k("int", **POS),
+    },
+    "sample": {
+        "count": _k("int", **POS),
+        "seed": _k("int", min=0),
+        "batch_size": _k("int", **POS),
+        "steps": _k("int_list", min=1),
+        "ts": _k("ts_map"),
+        "teacher_heun_nfe": _k("int_list", min=1),
+        "teacher_euler_nfe": _k("int_list", min=1),
+        "device": _k("str", choices=("auto", "cpu", "cuda")),
+    },
+    "evaluate": {
+        "batch_size": _k("int", **POS),
+        "kid_subsets": _k("int", **POS),
+        "kid_subset_size": _k("int", **POS),
+    },
+}
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_number(name: str, v: Any, spec: Key):
+    if spec.min is not None and v < spec.min:
+        raise ParamsError(f"params.yaml: {name} = {v!r} is below its minimum {spec.min}")
+    if spec.max is not None and v > spec.max:
+        raise ParamsError(f"params.yaml: {name} = {v!r} is above its maximum {spec.max}")
+
+
+def _validate_value(name: str, v: Any, spec: Key) -> Any:
+    if v is None:
+        if spec.nullable:
+            return None
+        raise ParamsError(f"params.yaml: {name} is null; it needs a {spec.type} value")
+    t = spec.type
+    if t == "int":
+        if not _is_int(v):
+            raise ParamsError(f"params.yaml: {name} = {v!r} must be an integer")
+        _check_number(name, v, spec)
+    elif t == "float":
+        if not (_is_int(v) or isinstance(v, float)) or (isinstance(v, float) and not math.isfinite(v)):
+            raise ParamsError(f"params.yaml: {name} = {v!r} must be a finite number")
+        v = float(v)
+        _check_number(name, v, spec)
+    elif t == "bool":
+        if not isinstance(v, bool):
+            raise ParamsError(f"params.yaml: {name} = {v!r} must be true or false")
+    elif t == "str":
+        if not isinstance(v, str) or not v:
+            raise ParamsError(f"params.yaml: {name} = {v!r} must be a non-empty string")
+    elif t == "int_list":
+        if not isinstance(v, list) or not all(_is_int(x) for x in v):
+            raise ParamsError(f"params.yaml: {name} = {v!r} must be a list of integers")
+        for x in v:
+            _check_number(name, x, spec)
+        v = list(v)
+    elif t == "ts_map":
+        if not isinstance(v, dict):
+            raise ParamsError(f"params.yaml: {name} must map a step count to a list of grid indices, "
+                              f"e.g. {{'2': [0, 11]}}")
+        out = {}
+        for k, ts in v.items():
+            try:
+                steps = int(k)
+            except (TypeError, ValueError):
+                raise ParamsError(f"params.yaml: {name} has key {k!r}; keys are step counts (integers)")
+            if not isinstance(ts, list) or len(ts) != steps or not all(_is_int(i) and i >= 0 for i in ts):
+                raise ParamsError(f"params.yaml: {name}.{k} = {ts!r} must be a list of {steps} "
+                                  f"non-negative grid indices")
+            if ts[0] != 0 or any(b <= a for a, b in zip(ts, ts[1:])):
+                raise ParamsError(f"params.yaml: {name}.{k} = {ts!r} must start at 0 (sigma_max) "
+                                  f"and increase strictly")
+            out[steps] = list(ts)
+        v = out
+    else:  # pragma: no cover - schema error
+        raise AssertionError(t)
+    if spec.choices is not None and v not in spec.choices:
+        raise ParamsError(f"params.yaml: {name} = {v!r} is not one of {list(spec.choices)}")
+    return v
+
+
+def validate_section(section: str, values: Any) -> SimpleNamespace:
+    """Validate one section's dict against SCHEMA and return it as a namespace."""
+    if section not in SCHEMA:
+        raise ParamsError(f"params.yaml: unknown section {section!r}")
+    schema = SCHEMA[section]
+    if not isinstance(values, dict):
+        raise ParamsError(f"params.yaml: section {section} must be a mapping of keys to values")
+    unknown = sorted(set(values) - set(schema))
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown key {section}.{unknown[0]} "
+                          f"(known keys of {section}: {', '.join(schema)})")
+    missing = [k for k in schema if k not in values]
+    if missing:
+        raise ParamsError(f"params.yaml: missing key {section}.{missing[0]}; add it to params.yaml")
+    out = {k: _validate_value(f"{section}.{k}", values[k], spec) for k, spec in schema.items()}
+    return SimpleNamespace(**out)
+
+
+def read_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found: run the stage from the repository root")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path} must be a mapping of sections")
+    unknown = sorted(set(data) - set(SCHEMA))
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown section {unknown[0]!r} "
+                          f"(known sections: {', '.join(SCHEMA)})")
+    return data
+
+
+def load(section: str, path: str | Path = "params.yaml") -> SimpleNamespace:
+    """Read and validate one section of params.yaml."""
+    data = read_params(path)
+    if section not in data:
+        raise ParamsError(f"params.yaml: missing section {section!r}")
+    return validate_section(section, data[section])
+
+
+def load_many(*sections: str, path: str | Path = "params.yaml") -> SimpleNamespace:
+    """Several validated sections at once: `p.teacher.lr`, `p.diffusion.sigma_data`."""
+    data = read_params(path)
+    out = {}
+    for s in sections:
+        if s not in data:
+            raise ParamsError(f"params.yaml: missing section {s!r}")
+        out[s] = validate_section(s, data[s])
+    return SimpleNamespace(**out)

@@ -1,0 +1,98 @@
+"""One-step and multistep consistency sampling, and the teacher's samplers, in batches.
+
+All randomness of sample i comes from generators seeded with (seed, i, ...), so a
+sample set does not depend on the batch size, and every sampler given the same
+seed starts from the same initial noises (common random numbers make the sets
+directly comparable).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .images import to_uint8
+from .karras import Sigmas, sample_euler, sample_heun
+from .training import seeded_generator
+
+
+def per_sample_randn(seed: int, indices, shape, *stream: int) -> torch.Tensor:
+    """Standard normal noise of `shape` for each global sample index, from (seed, index, *stream)."""
+    return torch.stack([torch.randn(shape, generator=seeded_generator(seed, int(i), *stream))
+                        for i in indices])
+
+
+def default_ts(steps: int, num_scales: int) -> list[int]:
+    """Evenly spaced grid indices [0, ...] for a `steps`-step sampler (when params give none)."""
+    return [round(i * (num_scales - 1) / steps) for i in range(steps)]
+
+
+def check_ts(ts: list[int], num_scales: int, what: str = "sample.ts"):
+    if not ts or ts[0] != 0 or any(b <= a for a, b in zip(ts, ts[1:])) or ts[-1] > num_scales - 1:
+        raise ValueError(f"{what} = {ts} must start at 0 and increase strictly up to at most "
+                         f"{num_scales - 1} (the last index of the {num_scales}-point grid, "
+                         f"diffusion.num_scales)")
+
+
+@torch.no_grad()
+def consistency_sample(f, noise: torch.Tensor, sig: Sigmas, ts: list[int],
+                       renoise: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1).
+
+    x = sigma_max z; x0 = f(x, sigma_max); for each further grid index t:
+    x = x0 + sqrt(sigma_t^2 - eps^2) z_t, x0 = f(x, sigma_t). Each x0 is clipped
+    to [-1, 1], as openai/consistency_models and diffusers do. `renoise(k)` gives
+    the fresh noise z of step k >= 1.
+    """
+    grid = sig.grid()
+    x0 = None
+    for k, t in enumerate(ts):
+        sigma = float(grid[t])
+        if k == 0:
+            x = noise * sigma
+        else:
+            x = x0 + (sigma**2 - sig.sigma_min**2) ** 0.5 * renoise(k).to(x0)
+        x0 = f(x, torch.full((x.shape[0],), sigma, device=x.device)).clamp(-1, 1)
+    return x0
+
+
+def generate(sample_batch: Callable[[torch.Tensor, list[int]], torch.Tensor], count: int,
+             batch_size: int, shape, seed: int, device, desc: str) -> tuple[np.ndarray, float]:
+    """Run `sample_batch(noise, indices)` over `count` samples; return uint8 N×H×W×C and s/image."""
+    out, elapsed = [], 0.0
+    for start in tqdm(range(0, count, batch_size), desc=desc, unit="batch", mininterval=2.0):
+        idx = list(range(start, min(count, start + batch_size)))
+        noise = per_sample_randn(seed, idx, shape).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x = sample_batch(noise, idx)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed += time.perf_counter() - t0
+        out.append(to_uint8(x))
+    return np.concatenate(out), elapsed / count
+
+
+def cm_sampler(f, sig: Sigmas, ts: list[int], seed: int, shape):
+    def sample_batch(noise, idx):
+        return consistency_sample(
+            f, noise, sig, ts, lambda k: per_sample_randn(seed, idx, shape, k))
+    return sample_batch
+
+
+def heun_sampler(denoise, sig: Sigmas, steps: int):
+    def sample_batch(noise, idx):
+        with torch.no_grad():
+            return sample_heun(denoise, noise, sig, steps).clamp(-1, 1)
+    return sample_batch
+
+
+def euler_sampler(denoise, sig: Sigmas, nfe: int):
+    def sample_batch(noise, idx):
+        with torch.no_grad():
+            return sample_euler(denoise, noise, sig, nfe).clamp(-1, 1)
+    return sample_batch

@@ -1,0 +1,40 @@
+"""What every DVC stage module shares: logging, CPU settings, and user-facing errors.
+
+A stage's `main` runs under `run_stage`: a known problem of the user's inputs
+(params, data, shards, checkpoints) ends the process with one line naming the
+stage and what to fix, instead of a traceback.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Callable
+
+from .params import ParamsError
+from .training import fast_cpu_defaults
+
+
+def user_errors() -> tuple:
+    from .data import DataError, ShardError
+    from .networks import CheckpointError
+
+    errors = [ParamsError, DataError, ShardError, CheckpointError]
+    try:
+        from .assets import MissingAssetError
+        errors.append(MissingAssetError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def run_stage(name: str, main: Callable[[], None]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    fast_cpu_defaults()
+    log = logging.getLogger(f"stages.{name}")
+    t0 = time.perf_counter()
+    try:
+        main()
+    except user_errors() as e:
+        raise SystemExit(f"{name}: {e}")
+    log.info("stage %s finished in %.1fs", name, time.perf_counter() - t0)

@@ -1,0 +1,229 @@
+"""One training loop for the teacher and the student (nanoGPT-style, nothing hidden).
+
+* The budget is counted in training images, not wall-clock time.
+* All randomness of step k comes from a generator seeded with (seed, k), and the
+  data order from per-epoch permutations seeded with (seed, epoch): a run resumed
+  from a checkpoint takes exactly the steps an uninterrupted run would have.
+* Resumable checkpoints are written atomically (temporary file, then rename)
+  every `checkpoint_every` images, with the optimizer, the EMAs and the logged
+  history, so a killed run continues where its last checkpoint left off.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def fast_cpu_defaults():
+    # Denormal floats made the first CPU steps ~9x slower (DESIGN.md 4b).
+    torch.set_flush_denormal(True)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for (a *.device param) but no CUDA GPU is "
+                           "visible; set it to auto or cpu")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def seeded_generator(*parts: int, device="cpu") -> torch.Generator:
+    """A generator whose seed is a hash of integers (seed, step, ...): independent streams."""
+    h = hashlib.sha256(json.dumps(list(map(int, parts))).encode()).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+class EpochSampler:
+    """Indices of batch k: shuffled epochs, repeated as the budget needs, stateless in k."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < 1:
+            raise ValueError("the training set is empty")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def _perm_of(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            self._perm = torch.randperm(self.n, generator=seeded_generator(self.seed, epoch, 7))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def indices(self, step: int) -> torch.Tensor:
+        start = step * self.batch_size
+        out = []
+        while len(out) < self.batch_size:
+            epoch, pos = divmod(start + len(out), self.n)
+            take = min(self.batch_size - len(out), self.n - pos)
+            out.extend(self._perm_of(epoch)[pos:pos + take].tolist())
+        return torch.tensor(out)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float):
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p.detach(), 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+@dataclass
+class TrainConfig:
+    images: int
+    batch_size: int
+    lr: float
+    warmup_images: int
+    grad_clip: float | None
+    ema_decays: dict  # name -> decay per step, e.g. {"ema": 0.999}
+    checkpoint_every: int
+    log_every: int
+    seed: int
+    name: str = "train"
+    extra_log: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.images / self.batch_size)
+
+    def lr_at(self, step: int) -> float:
+        seen = step * self.batch_size
+        if self.warmup_images > 0 and seen < self.warmup_images:
+            return self.lr * (seen + self.batch_size) / self.warmup_images
+        return self.lr
+
+
+def atomic_save(obj, path: Path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _state_of(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+LossFn = Callable[[int, torch.Generator, dict], torch.Tensor]
+
+
+def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path,
+          live_dir: Path | None, fingerprint: str, device: torch.device,
+          emas: dict | None = None) -> dict:
+    """Run `cfg.steps` optimizer steps of `loss_fn(step, generator, emas)`.
+
+    `emas` maps a name to an EMA copy of `model` (created from `model` when
+    missing) updated after every step with `cfg.ema_decays[name]`. Returns the
+    EMAs. A checkpoint at `resume_path` with the same `fingerprint` is resumed.
+    """
+    emas = dict(emas or {})
+    for name in cfg.ema_decays:
+        if name not in emas:
+            emas[name] = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    start, history = 0, []
+
+    resume_path = Path(resume_path)
+    if resume_path.exists():
+        ckpt = _load_resume(resume_path)
+        if ckpt is not None and ckpt.get("fingerprint") == fingerprint:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+            for name, sd in ckpt["emas"].items():
+                emas[name].load_state_dict(sd)
+            start, history = int(ckpt["step"]), list(json.loads(ckpt["history"]))
+            log.info("%s: resuming from %s at step %d/%d", cfg.name, resume_path, start, cfg.steps)
+        else:
+            log.info("%s: ignoring %s (made with other settings or inputs)", cfg.name, resume_path)
+            resume_path.unlink()
+
+    live = None
+    if live_dir is not None:
+        from dvclive import Live
+
+        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+        for row in history:  # replay what was logged before an interruption
+            for k, v in row.items():
+                if k != "step":
+                    live.log_metric(k, v)
+            live.next_step()
+
+    steps_per_ckpt = max(1, cfg.checkpoint_every // cfg.batch_size)
+    steps_per_log = max(1, cfg.log_every // cfg.batch_size)
+    loss_sum, loss_n, t_last, step_last = torch.zeros((), device=device), 0, time.perf_counter(), start
+    model.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.name,
+               unit="step", mininterval=2.0, dynamic_ncols=True)
+    for step in bar:
+        lr = cfg.lr_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        g = seeded_generator(cfg.seed, step)
+        loss = loss_fn(step, g, emas)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        for name, decay in cfg.ema_decays.items():
+            ema_update(emas[name], model, decay)
+        loss_sum += loss.detach()
+        loss_n += 1
+
+        done = step + 1
+        if done % steps_per_log == 0 or done == cfg.steps:
+            # The only host synchronisation of the loop: at logging intervals.
+            mean_loss = (loss_sum / loss_n).item()
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(
+                    f"{cfg.name}: the loss became {mean_loss} before step {done}; lower the "
+                    f"learning rate ({cfg.name}.lr) or set {cfg.name}.grad_clip")
+            now = time.perf_counter()
+            row = {"step": done, "loss": mean_loss, "lr": lr, "images": done * cfg.batch_size,
+                   "images_per_sec": (done - step_last) * cfg.batch_size / max(now - t_last, 1e-9)}
+            history.append(row)
+            if live is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        live.log_metric(k, v)
+                live.next_step()
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_sec']:.0f}")
+            loss_sum.zero_()
+            loss_n, t_last, step_last = 0, now, done
+        if done % steps_per_ckpt == 0 and done < cfg.steps:
+            atomic_save({"step": done, "fingerprint": fingerprint, "model": _state_of(model),
+                         "opt": opt.state_dict(), "emas": {k: _state_of(m) for k, m in emas.items()},
+                         "history": json.dumps(history)}, resume_path)
+    bar.close()
+    if live is not None:
+        live.end()
+    return emas
+
+
+def _load_resume(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a checkpoint cut short by a kill: start over, say so
+        log.warning("cannot read the resume checkpoint %s (%s); starting from scratch", path, e)
+        return None
+
+
+def fingerprint_of(*parts) -> str:
+    """A short hash of params and input hashes that decides whether a checkpoint may be resumed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,77 @@
+"""The teacher-trajectory cache of consistency distillation.
+
+Pair i holds a grid index n, x_n = x + sigma_n z and the teacher's Heun step
+x_hat_{n+1} from sigma_n to sigma_{n+1} (Song et al. 2023, Algorithm 2). Its
+image, n and z come from a generator seeded with (seed, i), so the cache does
+not depend on the batch size or the number of processes that computed it.
+Distillation then reads pairs instead of running the teacher (about 1.5x faster
+per step, DESIGN.md 4b), and experiments on distillation settings reuse it.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import ShardError, read_records
+from .images import to_unit
+from .karras import Sigmas
+from .losses import teacher_heun_pair
+from .training import seeded_generator
+
+
+def pair_randomness(seed: int, i: int, num_images: int, num_scales: int, shape):
+    """(image index, grid index n in 0..N-2, z) of pair i."""
+    g = seeded_generator(seed, i)
+    image = int(torch.randint(num_images, (1,), generator=g))
+    n = int(torch.randint(num_scales - 1, (1,), generator=g))
+    z = torch.randn(shape, generator=g)
+    return image, n, z
+
+
+@torch.inference_mode()
+def compute_pairs(teacher, images_uint8: torch.Tensor, num_pairs: int, seed: int, sig: Sigmas,
+                  batch_size: int, device: torch.device, bf16: bool = False,
+                  indices: range | None = None) -> Iterator[dict]:
+    """Yield records {"__key__", "cls": n, "json": {"image"}, "xn.npy", "xnext.npy"} in pair order."""
+    grid = sig.grid().float()
+    shape = tuple(images_uint8.shape[1:])
+    indices = indices if indices is not None else range(num_pairs)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda"
+                else contextlib.nullcontext())
+    for start in tqdm(range(0, len(indices), batch_size), desc="trajectories", unit="batch", mininterval=2.0):
+        idx = indices[start:start + batch_size]
+        rnd = [pair_randomness(seed, i, len(images_uint8), sig.num_scales, shape) for i in idx]
+        img = torch.tensor([r[0] for r in rnd])
+        n = torch.tensor([r[1] for r in rnd])
+        z = torch.stack([r[2] for r in rnd])
+        x = to_unit(images_uint8[img]).to(device)
+        with autocast:
+            x_n, x_next = teacher_heun_pair(teacher, x, z.to(device), grid[n].to(device), grid[n + 1].to(device))
+        x_n, x_next = x_n.float().cpu().numpy(), x_next.float().cpu().numpy()
+        for j, i in enumerate(idx):
+            yield {"__key__": f"pair_{i:09d}", "cls": int(n[j]), "json": {"image": int(img[j])},
+                   "xn.npy": x_n[j], "xnext.npy": x_next[j]}
+
+
+def load_pairs(shards: list[Path], shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Read a cache into memory: (n int64 [P], x_n float32 [P,C,H,W], x_next float32 [P,C,H,W])."""
+    ns, xn, xnext = [], [], []
+    for rec in read_records(shards):
+        for k in ("cls", "xn.npy", "xnext.npy"):
+            if k not in rec:
+                raise ShardError(f"shard {rec['__url__']} pair {rec['__key__']} has no {k} member; "
+                                 f"rebuild the cache with `dvc repro trajectories`")
+        if rec["xn.npy"].shape != tuple(shape) or rec["xnext.npy"].shape != tuple(shape):
+            raise ShardError(f"shard {rec['__url__']} pair {rec['__key__']} has shape "
+                             f"{rec['xn.npy'].shape}, the cache manifest says {tuple(shape)}")
+        ns.append(rec["cls"])
+        xn.append(rec["xn.npy"])
+        xnext.append(rec["xnext.npy"])
+    if not ns:
+        raise ShardError(f"the trajectory cache {shards} holds no pairs")
+    return torch.tensor(ns), torch.from_numpy(np.stack(xn)), torch.from_numpy(np.stack(xnext))

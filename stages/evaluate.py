@@ -1,0 +1,164 @@
+"""DVC stage `evaluate`: FID and KID of every sample set against the fid_ref statistics.
+
+    python -m stages.evaluate   (from the repository root; reads params.yaml section `evaluate`)
+
+Inputs: data/fid_ref.npz (stage fid_ref), data/samples/sets.json and the
+data/samples/<set>.npz files it lists (stage sample), each with `images`,
+uint8 N x H x W x C.
+Outputs: reports/metrics.json ({"fid": {set: x}, "kid": {set: x}, "protocol": {...}})
+and reports/fid_vs_nfe.csv (set,kind,nfe,fid,kid), the data of the FID-vs-NFE plot.
+Each set's Inception features are computed once and give both FID and KID.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from cmpipe import assets, evaluation, params
+
+REF = Path("data/fid_ref.npz")
+SAMPLES = Path("data/samples")
+SETS = SAMPLES / "sets.json"
+METRICS = Path("reports/metrics.json")
+PLOT = Path("reports/fid_vs_nfe.csv")
+KINDS = ("cm", "teacher_heun", "teacher_euler")
+log = logging.getLogger("stages.evaluate")
+
+
+class EvaluateError(ValueError):
+    """An input of the evaluate stage is missing or inconsistent; the message names it."""
+
+
+def read_sets(path: Path = SETS) -> dict[str, dict]:
+    """sets.json, checked: {set_name: {"kind", "nfe", "count", ...}}."""
+    if not path.is_file():
+        raise EvaluateError(f"{path} not found: run the sample stage first (`dvc repro sample`)")
+    try:
+        sets = json.loads(path.read_text())
+    except ValueError as e:
+        raise EvaluateError(f"{path} is not valid JSON ({e}); rerun `dvc repro -f sample`")
+    if not isinstance(sets, dict) or not sets:
+        raise EvaluateError(f"{path} must map set names to their description and list at least one set")
+    for name, info in sets.items():
+        if not isinstance(info, dict):
+            raise EvaluateError(f"{path}: set {name!r} must be an object with kind and nfe")
+        if info.get("kind") not in KINDS:
+            raise EvaluateError(f"{path}: set {name!r} has kind {info.get('kind')!r}, expected one of {KINDS}")
+        nfe = info.get("nfe")
+        if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+            raise EvaluateError(f"{path}: set {name!r} has nfe {nfe!r}, expected a positive integer")
+        # The name is a file stem under data/samples/: no folders, no hidden files.
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise EvaluateError(f"{path}: set name {name!r} must be a plain file name stem")
+    return sets
+
+
+def load_set(name: str, info: dict, shape_hwc: tuple[int, int, int]) -> np.ndarray:
+    """The images of one sample set, checked against the reference protocol's image shape."""
+    path = SAMPLES / f"{name}.npz"
+    if not path.is_file():
+        raise EvaluateError(f"{path} not found but {SETS} lists set {name!r}; rerun `dvc repro sample`")
+    with np.load(path, allow_pickle=False) as z:
+        if "images" not in z.files:
+            raise EvaluateError(f"{path} has no `images` array (arrays: {', '.join(z.files)})")
+        images = z["images"]
+    try:
+        evaluation.validate_images(images, name=str(path))
+    except (TypeError, ValueError) as e:
+        raise EvaluateError(str(e))
+    if tuple(images.shape[1:]) != tuple(shape_hwc):
+        raise EvaluateError(
+            f"{path}: images are {tuple(images.shape[1:])} (H x W x C) but the FID reference "
+            f"{REF} was made from {tuple(shape_hwc)} images; FID across shapes is meaningless: "
+            f"rerun `dvc repro` so that shard, sample and fid_ref agree")
+    count = info.get("count")
+    if count is not None and count != len(images):
+        raise EvaluateError(f"{path} holds {len(images)} images but {SETS} says count {count} "
+                            f"for set {name!r}; rerun `dvc repro -f sample`")
+    return images
+
+
+def plot_rows(sets: dict, fids: dict, kids: dict) -> str:
+    """CSV text of the FID-vs-NFE plot, one row per set, ordered by kind then NFE."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["set", "kind", "nfe", "fid", "kid"])
+    order = sorted(sets, key=lambda s: (KINDS.index(sets[s]["kind"]), sets[s]["nfe"], s))
+    for s in order:
+        w.writerow([s, sets[s]["kind"], sets[s]["nfe"], f"{fids[s]:.6g}", f"{kids[s]:.6g}"])
+    return buf.getvalue()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        p = params.load("evaluate")  # validates every key before any work
+        try:
+            ref = evaluation.load_reference(REF)
+        except ValueError as e:  # a file of the wrong layout
+            raise EvaluateError(str(e))
+        proto = ref["protocol"]
+        if proto.get("mode") != evaluation.MODE:
+            raise EvaluateError(f"{REF} was made in mode {proto.get('mode')!r}, not "
+                                f"{evaluation.MODE!r}; rerun `dvc repro -f fid_ref`")
+        shape_hwc = tuple(proto["shape_hwc"])
+        sets = read_sets()
+        unlisted = sorted({f.stem for f in SAMPLES.glob("*.npz")} - set(sets))
+        if unlisted:
+            log.warning("ignoring %s: not listed in %s", ", ".join(unlisted), SETS)
+        # Load and check every set before the first (slow) Inception pass.
+        images = {name: load_set(name, info, shape_hwc) for name, info in sets.items()}
+
+        inception = assets.inception_info()
+        if inception["sha1"] != proto["inception"]["sha1"]:
+            # NVIDIA's file and the converted one hold the same network: features agree
+            # to float rounding, so this is worth a note, not a failure.
+            log.warning("Inception file differs from the one of %s (%s, %s vs %s, %s)", REF,
+                        inception["origin"], inception["sha1"][:12], proto["inception"]["origin"],
+                        proto["inception"]["sha1"][:12])
+        model = evaluation.build_inception("cpu")
+        n_ref = len(ref["features"])
+        fids, kids, counts, subset_sizes = {}, {}, {}, {}
+        for name, imgs in images.items():
+            feats = evaluation.inception_features(imgs, batch_size=p.batch_size, model=model,
+                                                  desc=f"evaluate {name}")
+            try:
+                fids[name] = evaluation.fid(feats, ref["mu"], ref["sigma"])
+            except ValueError as e:
+                raise EvaluateError(f"set {name!r} ({SAMPLES / name}.npz): {e}")
+            subset_sizes[name] = min(p.kid_subset_size, len(feats), n_ref)
+            kids[name] = evaluation.kid(feats, ref["features"], num_subsets=p.kid_subsets,
+                                        max_subset_size=subset_sizes[name])
+            counts[name] = len(feats)
+            log.info("%s: FID %.3f  KID %.5f  (%d images, NFE %d)", name, fids[name], kids[name],
+                     len(feats), sets[name]["nfe"])
+
+        metrics = {
+            "fid": fids,
+            "kid": kids,
+            "protocol": {
+                "mode": evaluation.MODE,
+                "samples_per_set": counts,
+                "reference_split": proto["split"],
+                "reference_count": n_ref,
+                "kid_subsets": p.kid_subsets,
+                "kid_subset_size": subset_sizes,
+                "inception": proto["inception"],
+                "cleanfid_version": evaluation.cleanfid_version(),
+            },
+        }
+        evaluation.atomic_write_text(PLOT, plot_rows(sets, fids, kids))
+        evaluation.atomic_write_text(METRICS, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+        log.info("wrote %s and %s", METRICS, PLOT)
+    except (params.ParamsError, EvaluateError, FileNotFoundError, assets.MissingAssetError) as e:
+        # A user-facing problem (params, missing or inconsistent inputs): its message says what to fix.
+        raise SystemExit(f"evaluate: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""DVC stage `teacher`: train the EDM denoiser on the train split (or adopt a saved one).
+
+    python -m stages.teacher
+
+Reads params `model`, `teacher` and diffusion.{sigma_data, sigma_min, sigma_max, rho};
+inputs data/shards; outputs data/teacher/model.pt and reports/teacher/ (dvclive
+curves of loss, learning rate and images/s, and samples.png: EMA samples by Heun).
+A killed run resumes from data/.resume/teacher.pt on the next `dvc repro`.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from cmpipe import params
+from cmpipe.data import load_image_split, read_manifest
+from cmpipe.images import save_grid, to_unit
+from cmpipe.karras import Sigmas
+from cmpipe.losses import edm_loss
+from cmpipe.networks import EDMDenoiser, build_unet, count_parameters, load_network, save_model, unet_config
+from cmpipe.sampling import generate, heun_sampler
+from cmpipe.stage import run_stage
+from cmpipe.training import EpochSampler, TrainConfig, fingerprint_of, pick_device, train
+
+MANIFEST = Path("data/shards/manifest.json")
+OUT = Path("data/teacher/model.pt")
+REPORT = Path("reports/teacher")
+RESUME = Path("data/.resume/teacher.pt")
+log = logging.getLogger("stages.teacher")
+
+
+def main():
+    p = params.load_many("model", "teacher", "diffusion")
+    t, sig = p.teacher, Sigmas.from_params(p.diffusion)
+    manifest = read_manifest(MANIFEST)
+    c, h, w = manifest["shape"]
+    device = pick_device("auto")
+    if REPORT.exists():
+        shutil.rmtree(REPORT)
+
+    if t.checkpoint:
+        # Adopt a teacher saved by this pipeline: check it fits the data, train nothing.
+        net, ckpt = load_network(t.checkpoint, ("edm_teacher",))
+        if [ckpt["unet"]["in_channels"], ckpt["unet"]["sample_size"]] != [c, h]:
+            raise params.ParamsError(
+                f"teacher.checkpoint {t.checkpoint} is for {ckpt['unet']['in_channels']}x"
+                f"{ckpt['unet']['sample_size']}^2 images, the shards hold {c}x{h}x{w}")
+        log.info("adopting the teacher %s; no training", t.checkpoint)
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        save_model(OUT, "edm_teacher", ckpt["unet"], ckpt["weights"], dict(ckpt["meta"], adopted_from=t.checkpoint))
+        ema = EDMDenoiser(net, sig.sigma_data)
+    else:
+        cfg_unet = unet_config(p.model.block_out_channels, p.model.layers_per_block,
+                               p.model.attention_levels, p.model.dropout, h, c)
+        torch.manual_seed(t.seed)  # the initial weights
+        net = build_unet(cfg_unet).to(device)
+        log.info("UNet2DModel with %.2fM parameters on %s", count_parameters(net) / 1e6, device)
+        images, _ = load_image_split(MANIFEST, role="train")
+        sampler = EpochSampler(len(images), t.batch_size, t.seed)
+        model = EDMDenoiser(net, sig.sigma_data)
+
+        def loss_fn(step, g, emas):
+            x = to_unit(images[sampler.indices(step)]).to(device)
+            return edm_loss(model, x, t.P_mean, t.P_std, sig.sigma_data, generator=g)
+
+        cfg = TrainConfig(images=t.images, batch_size=t.batch_size, lr=t.lr, warmup_images=t.warmup_images,
+                          grad_clip=t.grad_clip, ema_decays={"ema": t.ema_decay},
+                          checkpoint_every=t.checkpoint_every, log_every=t.log_every, seed=t.seed,
+                          name="teacher")
+        fp = fingerprint_of(vars(p.model), vars(t), sig.sigma_data,
+                            [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]])
+        emas = train(model, loss_fn, cfg, RESUME, REPORT, fp, device)
+        ema = emas["ema"]
+        save_model(OUT, "edm_teacher", cfg_unet, {"ema": ema.net.state_dict(), "model": net.state_dict()},
+                   {"sigma_data": sig.sigma_data, "images": t.images, "seed": t.seed})
+        RESUME.unlink(missing_ok=True)
+
+    # EMA samples with Heun on the Karras grid: a fixed seed, so grids compare across runs.
+    ema.eval()
+    imgs, spi = generate(heun_sampler(ema, sig, t.grid_steps), 64, 64, (c, h, w), t.seed, device,
+                         "teacher grid")
+    REPORT.mkdir(parents=True, exist_ok=True)
+    save_grid(imgs, REPORT / "samples.png", nrow=8)
+    log.info("wrote %s and %s (Heun, %d NFE: %.3fs/image)", OUT, REPORT / "samples.png",
+             2 * t.grid_steps - 1, spi)
+
+
+if __name__ == "__main__":
+    run_stage("teacher", main)

@@ -1,0 +1,58 @@
+"""DVC stage `trajectories`: the teacher's adjacent PF-ODE points, computed once for CD.
+
+    python -m stages.trajectories
+
+Reads params `trajectories` and `diffusion`; inputs data/shards and data/teacher/model.pt;
+outputs data/trajectories/ (webdataset shards of key, n, x_n, x_hat_{n+1} and
+cache.json) and reports/trajectories.json (pairs per second).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from cmpipe import params
+from cmpipe.data import load_image_split, read_manifest, sha256_file, write_shards
+from cmpipe.fileio import atomic_write_json
+from cmpipe.karras import Sigmas
+from cmpipe.networks import EDMDenoiser, load_network
+from cmpipe.stage import run_stage
+from cmpipe.trajectories import compute_pairs
+from cmpipe.training import pick_device
+
+MANIFEST = Path("data/shards/manifest.json")
+TEACHER = Path("data/teacher/model.pt")
+OUT = Path("data/trajectories")
+REPORT = Path("reports/trajectories.json")
+log = logging.getLogger("stages.trajectories")
+
+
+def main():
+    p = params.load_many("trajectories", "diffusion")
+    t, sig = p.trajectories, Sigmas.from_params(p.diffusion)
+    manifest = read_manifest(MANIFEST)
+    device = pick_device(t.device)
+    net, ckpt = load_network(TEACHER, ("edm_teacher",))
+    teacher = EDMDenoiser(net, sig.sigma_data).to(device).eval().requires_grad_(False)
+    images, _ = load_image_split(MANIFEST, role="train")
+    log.info("caching %d pairs on the %d-point grid with the teacher on %s", t.num_pairs, sig.num_scales, device)
+
+    t0 = time.perf_counter()
+    shards = write_shards(OUT / "shards", compute_pairs(teacher, images, t.num_pairs, t.seed, sig,
+                                                         t.batch_size, device, t.bf16),
+                          maxcount=t.images_per_shard, prefix="pairs")
+    seconds = time.perf_counter() - t0
+    atomic_write_json(OUT / "cache.json", {
+        "count": t.num_pairs, "shape": manifest["shape"], "num_scales": sig.num_scales,
+        "sigmas": [sig.sigma_min, sig.sigma_max, sig.rho], "seed": t.seed,
+        "teacher_sha256": sha256_file(TEACHER),
+        "shards": [{"path": str(s), "sha256": sha256_file(s)} for s in shards]})
+    atomic_write_json(REPORT, {"pairs": t.num_pairs, "seconds": round(seconds, 2),
+                               "pairs_per_sec": round(t.num_pairs / seconds, 2), "device": device.type,
+                               "bf16": bool(t.bf16 and device.type == "cuda")})
+    log.info("%d pairs in %.1fs: %.1f pairs/s", t.num_pairs, seconds, t.num_pairs / seconds)
+
+
+if __name__ == "__main__":
+    run_stage("trajectories", main)
