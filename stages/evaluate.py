@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cmpipe import assets, evaluation, params
+from cmpipe.fileio import atomic_write_text
 
 REF = Path("data/fid_ref.npz")
 SAMPLES = Path("data/samples")
@@ -121,7 +122,7 @@ def main() -> None:
             log.warning("Inception file differs from the one of %s (%s, %s vs %s, %s)", REF,
                         inception["origin"], inception["sha1"][:12], proto["inception"]["origin"],
                         proto["inception"]["sha1"][:12])
-        model = evaluation.build_inception("cpu")
+        model = evaluation.build_inception(evaluation.default_device())
         n_ref = len(ref["features"])
         fids, kids, counts, subset_sizes = {}, {}, {}, {}
         for name, imgs in images.items():
@@ -150,10 +151,11 @@ def main() -> None:
                 "kid_subset_size": subset_sizes,
                 "inception": proto["inception"],
                 "cleanfid_version": evaluation.cleanfid_version(),
+                "device": model.device.type,
             },
         }
-        evaluation.atomic_write_text(PLOT, plot_rows(sets, fids, kids))
-        evaluation.atomic_write_text(METRICS, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(PLOT, plot_rows(sets, fids, kids))
+        atomic_write_text(METRICS, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
         log.info("wrote %s and %s", METRICS, PLOT)
     except (params.ParamsError, EvaluateError, FileNotFoundError, assets.MissingAssetError) as e:
         # A user-facing problem (params, missing or inconsistent inputs): its message says what to fix.

@@ -38,7 +38,7 @@ def main() -> None:
                 f"split (shard.ref_split, shard.limit)")
         # Resolve (and if needed convert) the Inception file before reading any image.
         inception = assets.inception_info()
-        model = evaluation.build_inception("cpu")
+        model = evaluation.build_inception(evaluation.default_device())
 
         t0 = time.perf_counter()
         images, _labels = load_image_split(MANIFEST, role="ref", limit=p.count)
@@ -61,6 +61,7 @@ def main() -> None:
             "feature_dim": evaluation.FEATURE_DIM,
             "inception": {k: inception[k] for k in ("name", "sha1", "origin")},
             "cleanfid_version": evaluation.cleanfid_version(),
+            "device": model.device.type,
         }
         ref = evaluation.save_reference(OUT, feats, protocol)
         log.info("wrote %s: %d features, trace(sigma) %.2f", OUT, len(feats), float(ref["sigma"].trace()))

@@ -10,6 +10,8 @@ import sys
 import urllib.error
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -91,14 +93,6 @@ def test_extractor_is_cleanfid_inception_on_offline_file(extractor, inception_fi
 
 
 # --------------------------------------------------------------------------- FID
-def frechet_eigh(mu1, s1, mu2, s2):
-    """Independent FID: Tr((S1 S2)^(1/2)) = Tr((S1^(1/2) S2 S1^(1/2))^(1/2)) by eigendecompositions."""
-    w, v = np.linalg.eigh(s1)
-    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = np.linalg.eigvalsh(r1 @ s2 @ r1)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(m, 0, None)).sum())
-
-
 def test_frechet_closed_forms():
     # 1-D: (m1 - m2)^2 + (sd1 - sd2)^2
     assert evaluation.fid_from_stats(np.array([1.0]), np.array([[4.0]]), np.array([3.0]),
@@ -113,7 +107,12 @@ def test_frechet_closed_forms():
     x, y = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
     s1, s2 = x @ x.T + 0.1 * np.eye(6), y @ y.T + 0.1 * np.eye(6)
     m1, m2 = rng.normal(size=6), rng.normal(size=6)
-    assert evaluation.fid_from_stats(m1, s1, m2, s2) == pytest.approx(frechet_eigh(m1, s1, m2, s2), rel=1e-8)
+    from cleanfid.fid import frechet_distance  # scipy's general sqrtm: the reference
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        want = frechet_distance(m1, s1, m2, s2)
+    assert evaluation.fid_from_stats(m1, s1, m2, s2) == pytest.approx(want, rel=1e-8)
 
 
 @pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")  # clean-fid's direct call
@@ -286,3 +285,16 @@ def test_wheel_file_with_wrong_sha1_is_not_loaded(tmp_path):
     with pytest.raises(assets.MissingAssetError, match="sha1"):
         assets.convert_wheel_model(bad, tmp_path / "out" / assets.INCEPTION_NAME)
     assert not (tmp_path / "out" / assets.INCEPTION_NAME).exists()
+
+
+# What convert_wheel_model writes under the pinned torch (2.14.1): the conversion is
+# byte-reproducible, so every machine's fid_ref protocol names the same file.
+CONVERTED_SHA1 = "aed269a2df0b73c5bb82a7dbb759b5160aac00c6"
+
+
+def test_converted_file_is_the_reproducible_conversion(inception_file):
+    if inception_file.parent == assets.CLEANFID_DIR:
+        pytest.skip(f"clean-fid's own {inception_file} is in use, not the converted copy")
+    assert assets.sha1_file(inception_file) == CONVERTED_SHA1, (
+        f"{inception_file} differs from the known conversion of {assets.WHEEL_REQUIREMENT}; delete it "
+        f"and run `python -m cmpipe.assets` (after a torch upgrade, check the features and update this hash)")

