@@ -1,0 +1,99 @@
+"""The whole DAG through the real `dvc` command, on the smoke params, in a temporary git repo."""
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+GIT = ["git", "-c", "user.name=cmpipe tests", "-c", "user.email=tests@cmpipe.invalid"]
+
+
+def project_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    return [f for f in out if f and (ROOT / f).is_file()
+            and not f.startswith(("reports/", "dvc.lock"))]
+
+
+def run(cmd, cwd, env, check=True):
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([a-z_]+)'", output))
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory):
+    if not FASHION.exists():
+        pytest.skip(f"{FASHION} missing: `make setup` installs dataset-fashion-mnist")
+    repo = tmp_path_factory.mktemp("smoke")
+    for f in project_files():
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, repo / f)
+    shutil.copy2(ROOT / "params-smoke.yaml", repo / "params.yaml")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(repo / "src"), DVC_NO_ANALYTICS="1")
+    run(["git", "init", "-q"], repo, env)
+    run(GIT + ["add", "-A"], repo, env)
+    run(GIT + ["commit", "-qm", "smoke"], repo, env)
+    r = run(["dvc", "repro"], repo, env)
+    run(GIT + ["add", "-A"], repo, env)
+    run(GIT + ["commit", "-qm", "smoke results"], repo, env)
+    return repo, env, r.stdout + r.stderr
+
+
+def read_metrics(repo: Path) -> dict:
+    return json.loads((repo / "reports/metrics.json").read_text())
+
+
+def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
+    repo, env, out = smoke_repo
+    assert ran_stages(out) == {"shard", "fid_ref", "teacher", "trajectories", "distill", "sample",
+                               "evaluate", "report"}
+    m = read_metrics(repo)
+    names = {"cm_nfe1", "cm_nfe2", "teacher_nfe7", "teacher_euler_nfe1", "teacher_euler_nfe2"}
+    assert set(m["fid"]) == names and set(m["kid"]) == names
+    assert all(math.isfinite(v) and v >= 0 for v in m["fid"].values())
+    assert all(math.isfinite(v) for v in m["kid"].values())
+    assert m["protocol"]["reference_count"] == 64
+    summary = (repo / "reports/summary.md").read_text()
+    assert "cm_nfe1" in summary and "![cm_nfe1](samples/cm_nfe1.png)" in summary
+    for png in ["reports/teacher/samples.png", "reports/distill/samples.png", "reports/samples/cm_nfe1.png"]:
+        assert (repo / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # dvclive curves of both training stages
+    assert (repo / "reports/teacher/plots/metrics/loss.tsv").exists()
+    assert (repo / "reports/distill/plots/metrics/loss.tsv").exists()
+    status = run(["dvc", "status"], repo, env).stdout
+    assert "up to date" in status
+
+
+def test_exp_run_of_a_distill_key_reruns_distill_and_after_only(smoke_repo):
+    repo, env, _ = smoke_repo
+    r = run(["dvc", "exp", "run", "-S", "distill.lr=0.0003", "-n", "lr3e-4"], repo, env)
+    out = r.stdout + r.stderr
+    assert ran_stages(out) == {"distill", "sample", "evaluate", "report"}, out[-3000:]
+    m = read_metrics(repo)
+    assert all(math.isfinite(v) for v in m["fid"].values())
+    show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
+    assert "lr3e-4" in show and "distill.lr" in show
+
+
+def test_a_sample_key_reruns_sampling_only(smoke_repo):
+    repo, env, _ = smoke_repo
+    r = run(["dvc", "exp", "run", "-S", "sample.steps=[1,2,3]", "-n", "three-steps"], repo, env)
+    out = r.stdout + r.stderr
+    assert ran_stages(out) == {"sample", "evaluate", "report"}, out[-3000:]
+    assert "cm_nfe3" in read_metrics(repo)["fid"]

@@ -1,0 +1,98 @@
+"""The training loop: resume after an interruption equals an uninterrupted run, bit for bit."""
+import logging
+import math
+
+import pytest
+import torch
+
+from cmpipe.training import EpochSampler, TrainConfig, atomic_save, ema_update, seeded_generator, train
+
+DATA = torch.randn(40, 3)
+
+
+def make():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def config(**kw):
+    base = dict(images=80, batch_size=4, lr=0.01, warmup_images=8, grad_clip=1.0,
+                ema_decays={"ema": 0.9, "target": 0.5}, checkpoint_every=16, log_every=8, seed=3,
+                name="teacher")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def loss_fn_for(model, sampler, stop_at=None):
+    def loss_fn(step, g, emas):
+        if step == stop_at:
+            raise KeyboardInterrupt  # a kill between two checkpoints
+        x = DATA[sampler.indices(step)]
+        noise = torch.randn(x.shape[0], 1, generator=g)  # per-step randomness from (seed, step)
+        return ((model(x) - x.sum(1, keepdim=True) - noise) ** 2).mean()
+    return loss_fn
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    cfg = config()
+    m1 = make()
+    e1 = train(m1, loss_fn_for(m1, EpochSampler(40, 4, 3)), cfg, tmp_path / "a.pt", None, "fp", torch.device("cpu"))
+
+    m2 = make()
+    with pytest.raises(KeyboardInterrupt):
+        train(m2, loss_fn_for(m2, EpochSampler(40, 4, 3), stop_at=11), cfg, tmp_path / "b.pt", None, "fp",
+              torch.device("cpu"))
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 8  # the last checkpoint
+    m3 = make()  # a fresh process: new model, resumes from the checkpoint
+    e3 = train(m3, loss_fn_for(m3, EpochSampler(40, 4, 3)), cfg, tmp_path / "b.pt", None, "fp", torch.device("cpu"))
+    for a, b in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(a, b)
+    for name in ("ema", "target"):
+        for a, b in zip(e1[name].parameters(), e3[name].parameters()):
+            assert torch.equal(a, b)
+
+
+def test_checkpoint_of_other_settings_or_truncated_is_not_resumed(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    cfg = config(images=16)
+    m = make()
+    path = tmp_path / "r.pt"
+    atomic_save({"step": 2, "fingerprint": "other"}, path)
+    train(m, loss_fn_for(m, EpochSampler(40, 4, 3)), cfg, path, None, "fp", torch.device("cpu"))
+    assert "made with other settings" in caplog.text
+    path.write_bytes(b"PK\x03\x04 truncated")
+    m = make()
+    train(m, loss_fn_for(m, EpochSampler(40, 4, 3)), cfg, path, None, "fp", torch.device("cpu"))
+    assert "cannot read the resume checkpoint" in caplog.text
+
+
+def test_non_finite_loss_names_the_learning_rate(tmp_path):
+    m = make()
+    with pytest.raises(FloatingPointError, match=r"teacher\.lr"):
+        train(m, lambda step, g, emas: m(DATA[:4]).sum() * float("nan"), config(), tmp_path / "n.pt", None,
+              "fp", torch.device("cpu"))
+
+
+def test_epoch_sampler_is_a_permutation_per_epoch_and_stateless():
+    s = EpochSampler(10, 4, seed=1)
+    first = torch.cat([s.indices(k) for k in range(5)])  # 20 indices = 2 epochs
+    assert sorted(first[:10].tolist()) == list(range(10))
+    assert sorted(first[10:].tolist()) == list(range(10))
+    assert not torch.equal(first[:10], first[10:])
+    assert torch.equal(EpochSampler(10, 4, seed=1).indices(3), s.indices(3))
+
+
+def test_ema_update_and_generators():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = a.weight.detach().clone()
+    ema_update(a, b, 0.9)
+    assert torch.allclose(a.weight, 0.9 * before + 0.1 * b.weight)
+    x = torch.randn(3, generator=seeded_generator(1, 2))
+    assert torch.equal(x, torch.randn(3, generator=seeded_generator(1, 2)))
+    assert not torch.equal(x, torch.randn(3, generator=seeded_generator(1, 3)))
+
+
+def test_warmup_schedule():
+    cfg = config(lr=1.0, warmup_images=8, batch_size=4)
+    assert cfg.lr_at(0) == pytest.approx(0.5) and cfg.lr_at(1) == 1.0 and cfg.lr_at(5) == 1.0
+    assert cfg.steps == 20 and math.isclose(config(images=81).steps, 21)

@@ -1,0 +1,37 @@
+"""The trajectory cache: per-pair randomness, independence of the batch size, shard round trip."""
+import torch
+
+from cmpipe.data import write_shards
+from cmpipe.karras import Sigmas, heun_step
+from cmpipe.networks import EDMDenoiser, build_unet, unet_config
+from cmpipe.trajectories import compute_pairs, load_pairs, pair_randomness
+
+
+def teacher():
+    torch.manual_seed(0)
+    return EDMDenoiser(build_unet(unet_config([16, 32], 1, [], 0.0, 8, 1)), 0.5).eval()
+
+
+def test_cache_is_independent_of_batch_size_and_matches_the_formula(tmp_path):
+    sig, T = Sigmas(), teacher()
+    images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    a = list(compute_pairs(T, images, 7, 11, sig, 3, torch.device("cpu")))
+    b = list(compute_pairs(T, images, 7, 11, sig, 7, torch.device("cpu")))
+    grid = sig.grid().float()
+    for i, (ra, rb) in enumerate(zip(a, b)):
+        assert ra["__key__"] == rb["__key__"] == f"pair_{i:09d}"
+        assert ra["cls"] == rb["cls"] and ra["json"] == rb["json"]
+        assert (ra["xn.npy"] == rb["xn.npy"]).all()  # x + sigma_n z: elementwise, exact
+        assert abs(ra["xnext.npy"] - rb["xnext.npy"]).max() < 1e-5  # batched convolutions may round apart
+        img, n, z = pair_randomness(11, i, 5, sig.num_scales, (1, 8, 8))
+        assert 0 <= n <= sig.num_scales - 2 and ra["cls"] == n and ra["json"]["image"] == img
+        x = images[img].float() / 127.5 - 1
+        x_n = x + grid[n] * z
+        assert torch.allclose(torch.from_numpy(ra["xn.npy"]), x_n, atol=1e-5)
+        with torch.no_grad():
+            x_next = heun_step(T, x_n[None], grid[n], grid[n + 1])[0]
+        assert torch.allclose(torch.from_numpy(ra["xnext.npy"]), x_next, atol=1e-4)
+    paths = write_shards(tmp_path / "c", iter(a), maxcount=3, prefix="pairs")
+    n, xn, xnext = load_pairs(paths, (1, 8, 8))
+    assert len(paths) == 3 and n.tolist() == [r["cls"] for r in a]
+    assert torch.equal(xn[4], torch.from_numpy(a[4]["xn.npy"]))
