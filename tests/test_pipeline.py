@@ -68,7 +68,7 @@ def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
     assert set(m["fid"]) == names and set(m["kid"]) == names
     assert all(math.isfinite(v) and v >= 0 for v in m["fid"].values())
     assert all(math.isfinite(v) for v in m["kid"].values())
-    assert m["protocol"]["reference_count"] == 64
+    assert m["protocol"]["reference_count"] == 48
     summary = (repo / "reports/summary.md").read_text()
     assert "cm_nfe1" in summary and "![cm_nfe1](samples/cm_nfe1.png)" in summary
     for png in ["reports/teacher/samples.png", "reports/distill/samples.png", "reports/samples/cm_nfe1.png"]:
