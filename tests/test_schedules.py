@@ -40,3 +40,32 @@ def test_lognormal_index_probabilities_sum_to_one_and_follow_erf():
 def test_ict_weight():
     w = ict_weight(torch.tensor([2.0, 0.5]), torch.tensor([1.5, 0.25]))
     assert torch.allclose(w, torch.tensor([2.0, 4.0]))
+
+
+def test_ct_loss_by_hand():
+    from types import SimpleNamespace
+
+    from cmpipe.consistency_training import ct_loss, sample_pair_indices
+    from cmpipe.networks import ConsistencyFunction
+
+    class Zero(torch.nn.Module):  # F = 0, so f(x, sigma) = c_skip(sigma) x
+        def forward(self, x, t):
+            return SimpleNamespace(sample=torch.zeros_like(x))
+
+    f = ConsistencyFunction(Zero(), 0.5, 0.002)
+    sigmas = torch.tensor([2.0, 1.0, 0.5])
+    x = torch.tensor([[[[0.5, -0.5]]]])
+    z = torch.tensor([[[[1.0, 2.0]]]])
+    n = torch.tensor([1])
+    cs = lambda s: 0.25 / ((s - 0.002) ** 2 + 0.25)
+    a = [cs(1.0) * (xi + 1.0 * zi) for xi, zi in [(0.5, 1.0), (-0.5, 2.0)]]
+    b = [cs(0.5) * (xi + 0.5 * zi) for xi, zi in [(0.5, 1.0), (-0.5, 2.0)]]
+    l2 = sum((p - q) ** 2 for p, q in zip(a, b)) / 2
+    assert ct_loss(f, f, x, z, n, sigmas, "l2").item() == pytest.approx(l2, rel=1e-5)
+    # iCT weighting lambda = 1/|sigma_n - sigma_{n+1}| = 2
+    assert ct_loss(f, f, x, z, n, sigmas, "l2", weighting="ict").item() == pytest.approx(2 * l2, rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    idx = sample_pair_indices(karras_sigmas(11), 4000, g, "lognormal")
+    p = lognormal_index_probs(karras_sigmas(11))
+    freq = torch.bincount(idx, minlength=10).float() / 4000
+    assert (freq - p).abs().max() < 0.03
