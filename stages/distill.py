@@ -1,15 +1,18 @@
-"""DVC stage `distill`: consistency distillation from the trajectory cache (mode cd).
+"""DVC stage `distill`: a consistency model by distillation (mode cd) or by training (mode ct).
 
     python -m stages.distill
 
-Reads params `distill` and `diffusion`; inputs data/teacher/model.pt and data/trajectories;
-outputs data/student/model.pt (weights "model", the target "target" = EMA with rate mu,
-and the evaluation EMA "ema" that sampling uses) and reports/distill/ (dvclive curves
-and samples.png: one-step samples of the evaluation EMA).
-A killed run resumes from data/.resume/distill.pt on the next `dvc repro`.
+Reads params `distill`, `diffusion` and `model`. Mode cd (Song et al. 2023, Algorithm 2) reads
+data/teacher/model.pt (the student starts from its EMA weights) and the pairs of
+data/trajectories; mode ct (Algorithm 3, or improved CT with the `distill` switches) reads only
+the training images of data/shards and starts from random weights: no teacher, no cache.
+Outputs data/student/model.pt (weights "model", the target theta^- "target" and the evaluation
+EMA "ema" that sampling uses) and reports/distill/ (dvclive curves and samples.png: one-step
+samples of the evaluation EMA). A killed run resumes from data/.resume/distill.pt.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -18,16 +21,18 @@ from pathlib import Path
 import torch
 
 from cmpipe import params
-from cmpipe.data import ShardError
+from cmpipe.consistency_training import CTSchedule, ct_loss, sample_pair_indices
+from cmpipe.data import ShardError, load_image_split, read_manifest
 from cmpipe.distillation import cd_loss, student_from_teacher
-from cmpipe.images import save_grid
+from cmpipe.images import save_grid, to_unit
 from cmpipe.karras import Sigmas
-from cmpipe.networks import load_network, save_model
+from cmpipe.networks import ConsistencyFunction, build_unet, count_parameters, load_network, save_model, unet_config
 from cmpipe.sampling import cm_sampler, generate
 from cmpipe.stage import run_stage
 from cmpipe.trajectories import load_pairs
-from cmpipe.training import EpochSampler, TrainConfig, fingerprint_of, pick_device, train
+from cmpipe.training import EpochSampler, TrainConfig, ema_update, fingerprint_of, pick_device, train
 
+MANIFEST = Path("data/shards/manifest.json")
 TEACHER = Path("data/teacher/model.pt")
 CACHE = Path("data/trajectories")
 OUT = Path("data/student/model.pt")
@@ -36,10 +41,28 @@ RESUME = Path("data/.resume/distill.pt")
 log = logging.getLogger("stages.distill")
 
 
-def main():
-    p = params.load_many("distill", "diffusion")
-    d, sig = p.distill, Sigmas.from_params(p.diffusion)
-    device = pick_device("auto")
+def check_switches(d):
+    """Combinations of `distill` keys that cannot mean anything, refused before any work."""
+    if d.mode == "cd" and d.mu_schedule == "ct":
+        raise params.ParamsError("distill.mu_schedule = ct follows the N(k) of consistency training; "
+                                 "with distill.mode = cd use mu_schedule: fixed (rate distill.mu)")
+    try:
+        CTSchedule.from_params(d, 1)
+    except ValueError as e:
+        raise params.ParamsError(f"params.yaml: {e}") from None
+
+
+def build_metric(d, device):
+    """The distance d: a name for the pixel metrics, the frozen LPIPS network for lpips."""
+    if d.metric != "lpips":
+        return d.metric
+    from cmpipe.lpips import load_lpips
+
+    return load_lpips(d.lpips_net, resize=d.lpips_resize, device=device)
+
+
+def cd_setup(d, sig: Sigmas, device, metric):
+    """Student from the teacher's EMA, batches of cached teacher pairs: (student, unet, loss, inputs)."""
     if not (CACHE / "cache.json").exists():
         raise ShardError(f"{CACHE / 'cache.json'} not found: run `dvc repro trajectories` first")
     cache = json.loads((CACHE / "cache.json").read_text())
@@ -47,36 +70,86 @@ def main():
         raise ShardError(f"the trajectory cache was made on a {cache['num_scales']}-point grid but "
                          f"diffusion.num_scales = {sig.num_scales}; run `dvc repro trajectories`")
     net, ckpt = load_network(TEACHER, ("edm_teacher",))
-    if REPORT.exists():
-        shutil.rmtree(REPORT)
-
     n_all, xn_all, xnext_all = load_pairs([Path(s["path"]) for s in cache["shards"]], cache["shape"])
-    log.info("read %d cached pairs; distilling with %s on %s", len(n_all), d.metric, device)
+    log.info("cd: %d cached pairs, the student starts from the teacher's EMA", len(n_all))
     student = student_from_teacher(net, sig).to(device)
     sampler = EpochSampler(len(n_all), d.batch_size, d.seed)
 
-    def loss_fn(step, g, emas):
+    def loss_at(step, g, target):
         i = sampler.indices(step)
-        return cd_loss(student, emas["target"], n_all[i].to(device), xn_all[i].to(device),
-                       xnext_all[i].to(device), sig, d.metric, d.huber_c)
+        return cd_loss(student, target, n_all[i].to(device), xn_all[i].to(device), xnext_all[i].to(device),
+                       sig, metric, d.huber_c, d.weighting)
 
+    inputs = [[s["sha256"] for s in cache["shards"]], cache["teacher_sha256"]]
+    return student, ckpt["unet"], loss_at, inputs
+
+
+def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric):
+    """Student from random weights, batches of training images: (student, unet, loss, inputs)."""
+    manifest = read_manifest(MANIFEST)
+    c, h, _ = manifest["shape"]
+    images, _ = load_image_split(MANIFEST, role="train")
+    cfg_unet = unet_config(model_params.block_out_channels, model_params.layers_per_block,
+                           model_params.attention_levels, model_params.dropout, h, c)
+    torch.manual_seed(d.seed)  # the initial weights
+    student = ConsistencyFunction(build_unet(cfg_unet), sig.sigma_data, sig.sigma_min).to(device)
+    log.info("ct: %d training images, a %.2fM-parameter student from random weights; N(k) %d -> %d, "
+             "mu(k) %.4f -> %.4f", len(images), count_parameters(student) / 1e6, sched.N(0),
+             sched.N(sched.K), sched.mu_at(0), sched.mu_at(sched.K))
+    sampler = EpochSampler(len(images), d.batch_size, d.seed)
+
+    def loss_at(step, g, target):
+        sigmas = sig.grid(sched.N(step))
+        x = to_unit(images[sampler.indices(step)])
+        z = torch.randn(x.shape, generator=g)
+        n = sample_pair_indices(sigmas, len(x), g, d.ct_index, d.ict_P_mean, d.ict_P_std)
+        return ct_loss(student, target, x.to(device), z.to(device), n, sigmas, metric, d.huber_c, d.weighting)
+
+    inputs = [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]]
+    return student, cfg_unet, loss_at, inputs
+
+
+def main():
+    p = params.load_many("distill", "diffusion", "model")
+    d, sig = p.distill, Sigmas.from_params(p.diffusion)
+    check_switches(d)
+    device = pick_device("auto")
+    metric = build_metric(d, device)
     cfg = TrainConfig(images=d.images, batch_size=d.batch_size, lr=d.lr, warmup_images=d.warmup_images,
-                      grad_clip=d.grad_clip, ema_decays={"target": d.mu, "ema": d.ema_decay},
+                      grad_clip=d.grad_clip, ema_decays={"ema": d.ema_decay},
                       checkpoint_every=d.checkpoint_every, log_every=d.log_every, seed=d.seed,
                       name="distill")
-    fp = fingerprint_of(vars(d), vars(p.diffusion), [s["sha256"] for s in cache["shards"]],
-                        cache["teacher_sha256"])
-    emas = train(student, loss_fn, cfg, RESUME, REPORT, fp, device)
-    save_model(OUT, "consistency", ckpt["unet"],
+    sched = CTSchedule.from_params(d, cfg.steps)
+    if d.mode == "cd":
+        student, unet, loss_at, inputs = cd_setup(d, sig, device, metric)
+    else:
+        student, unet, loss_at, inputs = ct_setup(d, sig, p.model, sched, device, metric)
+    if REPORT.exists():
+        shutil.rmtree(REPORT)
+
+    def loss_fn(step, g, emas):
+        # theta^- <- mu(k-1) theta^- + (1 - mu(k-1)) theta after step k-1 (Algorithms 2 and 3);
+        # done here rather than as a fixed-rate EMA of the loop because mu may follow a schedule.
+        if step > 0:
+            ema_update(emas["target"], student, sched.mu_at(step - 1))
+        return loss_at(step, g, emas["target"])
+
+    log.info("%s with metric %s, weighting %s, target mu %s", d.mode, d.metric, d.weighting,
+             d.mu if d.mu_schedule == "fixed" else "mu(k)")
+    target = copy.deepcopy(student).requires_grad_(False)
+    fp = fingerprint_of(vars(d), vars(p.diffusion), vars(p.model), inputs)
+    emas = train(student, loss_fn, cfg, RESUME, REPORT, fp, device, emas={"target": target})
+    ema_update(emas["target"], student, sched.mu_at(cfg.steps - 1))  # the update after the last step
+    save_model(OUT, "consistency", unet,
                {"ema": emas["ema"].net.state_dict(), "target": emas["target"].net.state_dict(),
                 "model": student.net.state_dict()},
                {"sigma_data": sig.sigma_data, "sigma_min": sig.sigma_min, "mode": d.mode,
-                "metric": d.metric, "images": d.images})
+                "metric": d.metric, "weighting": d.weighting, "images": d.images})
     RESUME.unlink(missing_ok=True)
 
     ema = emas["ema"].eval()
-    c, h, w = cache["shape"]
-    imgs, _ = generate(cm_sampler(ema, sig, [0], d.seed, (c, h, w)), 64, 64, (c, h, w), d.seed, device,
+    shape = (unet["in_channels"], unet["sample_size"], unet["sample_size"])
+    imgs, _ = generate(cm_sampler(ema, sig, [0], d.seed, shape), 64, 64, shape, d.seed, device,
                        "one-step grid")
     save_grid(imgs, REPORT / "samples.png", nrow=8)
     log.info("wrote %s and %s", OUT, REPORT / "samples.png")

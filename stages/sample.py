@@ -62,6 +62,8 @@ def main():
     D = EDMDenoiser(teacher_net, sig.sigma_data).to(device).eval()
     u = ckpt["unet"]
     shape = (u["in_channels"], u["sample_size"], u["sample_size"])
+    # How the consistency model was made, carried into the reports' table.
+    made_by = {k: ckpt["meta"][k] for k in ("mode", "metric", "weighting") if k in ckpt["meta"]}
 
     for d in (OUT, GRIDS):
         if d.exists():
@@ -69,6 +71,7 @@ def main():
     for name, info in sets.items():
         if info["kind"] == "cm":
             sampler = cm_sampler(f, sig, info["ts"], s.seed, shape)
+            info["model"] = made_by
         elif info["kind"] == "teacher_heun":
             sampler = heun_sampler(D, sig, info["steps"])
         else:

@@ -1,4 +1,4 @@
-"""CT and iCT schedules against hand-computed values (for the coming ct mode)."""
+"""CT and iCT schedules and the ct objective against hand-computed values."""
 import math
 
 import pytest
@@ -69,3 +69,42 @@ def test_ct_loss_by_hand():
     p = lognormal_index_probs(karras_sigmas(11))
     freq = torch.bincount(idx, minlength=10).float() / 4000
     assert (freq - p).abs().max() < 0.03
+
+
+def test_ct_schedule_switches():
+    from cmpipe.consistency_training import CTSchedule
+
+    ct = CTSchedule(K=1000, num_scales="ct", mu_schedule="ct", ct_mu0=0.9)
+    assert [ct.N(0), ct.N(500), ct.N(1000)] == [2, 107, 151]
+    assert ct.mu_at(500) == pytest.approx(math.exp(2 * math.log(0.9) / 107))
+    ict = CTSchedule(K=800, num_scales="ict", mu_schedule="fixed", mu=0.0)
+    assert [ict.N(0), ict.N(100), ict.N(799)] == [11, 21, 1281]
+    assert ict.mu_at(0) == 0.0 and ict.mu_at(799) == 0.0   # iCT: theta^- = stopgrad(theta)
+    with pytest.raises(ValueError, match="distill.ct_s1"):
+        CTSchedule(K=10, ct_s0=5, ct_s1=5)
+    with pytest.raises(ValueError, match="distill.ict_s1"):
+        CTSchedule(K=10, ict_s0=20, ict_s1=10)
+
+
+def test_cd_loss_ict_weighting_by_hand():
+    from cmpipe.distillation import cd_loss
+    from cmpipe.karras import Sigmas
+
+    class Scale(torch.nn.Module):  # f(x, sigma) = a x: enough to check lambda and d by hand
+        def __init__(self, a):
+            super().__init__()
+            self.a = a
+
+        def forward(self, x, sigma):
+            return self.a * x
+
+    sig = Sigmas(num_scales=4)
+    grid = sig.grid().float()
+    n = torch.tensor([0, 2])
+    x_n = torch.ones(2, 1, 1, 2)                      # student: 2 * 1 = 2 on every pixel
+    x_next = torch.tensor([2.0, 3.0]).reshape(2, 1, 1, 1).expand(2, 1, 1, 2)  # target: 2, then 3
+    d = torch.tensor([0.0, 1.0])                        # l2 = mean over pixels of (2 - target)^2
+    lam = 1 / (grid[n] - grid[n + 1]).abs()
+    got = cd_loss(Scale(2.0), Scale(1.0), n, x_n, x_next, sig, "l2", weighting="ict")
+    assert got.item() == pytest.approx((lam * d).mean().item(), rel=1e-6)
+    assert cd_loss(Scale(2.0), Scale(1.0), n, x_n, x_next, sig, "l2").item() == pytest.approx(0.5)

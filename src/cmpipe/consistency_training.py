@@ -2,14 +2,59 @@
 
 No teacher: the pair shares one noise z, x_n = x + sigma_n z and x_hat_{n+1} = x + sigma_{n+1} z,
 which is the one-step Euler solution of the PF-ODE with the ideal denoiser estimated by x itself.
-Groundwork for `distill.mode: ct` (issue 3); not yet wired into a stage.
+The stage `distill` runs it with `distill.mode: ct`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .losses import consistency_loss
-from .schedules import ict_weight, lognormal_index_probs
+from .schedules import ct_mu, ct_num_scales, ict_num_scales, ict_weight, lognormal_index_probs
+
+
+@dataclass(frozen=True)
+class CTSchedule:
+    """N(k) and the target's EMA rate mu(k) over K training steps (params `distill.ct_*`, `ict_*`, `mu*`).
+
+    num_scales: 'ct' (Song et al. 2023: N(k) from ct_s0 to ct_s1) or 'ict' (Song & Dhariwal 2023:
+    N doubles from ict_s0 to ict_s1). mu_schedule: 'fixed' (mu; 0 is iCT's stop-gradient target)
+    or 'ct' (mu(k) = exp(ct_s0 ln ct_mu0 / N(k))).
+    """
+    K: int
+    num_scales: str = "ct"
+    ct_s0: int = 2
+    ct_s1: int = 150
+    ct_mu0: float = 0.9
+    ict_s0: int = 10
+    ict_s1: int = 1280
+    mu_schedule: str = "fixed"
+    mu: float = 0.0
+
+    def __post_init__(self):
+        if self.ct_s1 <= self.ct_s0:
+            raise ValueError(f"distill.ct_s1 = {self.ct_s1} must exceed distill.ct_s0 = {self.ct_s0}")
+        if self.ict_s1 < self.ict_s0:
+            raise ValueError(f"distill.ict_s1 = {self.ict_s1} must be at least distill.ict_s0 = {self.ict_s0}")
+        if self.num_scales not in ("ct", "ict"):
+            raise ValueError(f"distill.ct_num_scales = {self.num_scales!r}: use ct or ict")
+        if self.mu_schedule not in ("fixed", "ct"):
+            raise ValueError(f"distill.mu_schedule = {self.mu_schedule!r}: use fixed or ct")
+
+    @classmethod
+    def from_params(cls, d, K: int) -> "CTSchedule":
+        return cls(K, d.ct_num_scales, d.ct_s0, d.ct_s1, d.ct_mu0, d.ict_s0, d.ict_s1, d.mu_schedule, d.mu)
+
+    def N(self, k: int) -> int:
+        if self.num_scales == "ict":
+            return ict_num_scales(k, self.K, self.ict_s0, self.ict_s1)
+        return ct_num_scales(k, self.K, self.ct_s0, self.ct_s1)
+
+    def mu_at(self, k: int) -> float:
+        if self.mu_schedule == "ct":
+            return ct_mu(k, self.K, self.ct_s0, self.ct_s1, self.ct_mu0)
+        return self.mu
 
 
 def sample_pair_indices(sigmas: torch.Tensor, batch_size: int, generator: torch.Generator,

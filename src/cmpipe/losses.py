@@ -30,12 +30,15 @@ def pseudo_huber_c(dim: int) -> float:
     return 0.00054 * math.sqrt(dim)
 
 
-def distance(x: torch.Tensor, y: torch.Tensor, metric: str, huber_c: float | None = None) -> torch.Tensor:
+def distance(x: torch.Tensor, y: torch.Tensor, metric, huber_c: float | None = None) -> torch.Tensor:
     """Per-sample distance d(x, y).
 
     l2 and l1 are means over the pixels (as in openai/consistency_models);
     pseudo-Huber is sqrt(||x - y||^2 + c^2) - c over the whole image (iCT).
+    A callable metric (the LPIPS network of `cmpipe.lpips`) is applied as it is.
     """
+    if callable(metric):
+        return metric(x, y)
     diff = (x - y).flatten(1)
     if metric == "l2":
         return diff.pow(2).mean(1)
@@ -44,7 +47,8 @@ def distance(x: torch.Tensor, y: torch.Tensor, metric: str, huber_c: float | Non
     if metric == "pseudo_huber":
         c = pseudo_huber_c(diff.shape[1]) if huber_c is None else huber_c
         return (diff.pow(2).sum(1) + c**2).sqrt() - c
-    raise ValueError(f"unknown metric {metric!r}: distill.metric must be l2, l1 or pseudo_huber")
+    raise ValueError(f"unknown metric {metric!r}: distill.metric must be l2, l1, pseudo_huber or an "
+                     f"LPIPS network")
 
 
 def consistency_loss(student, target, x_n: torch.Tensor, sigma_n: torch.Tensor,

@@ -10,7 +10,11 @@ import pandas as pd
 def results_table(metrics: dict, sets: dict) -> pd.DataFrame:
     rows = []
     for name, info in sets.items():
-        rows.append({"set": name, "sampler": info["kind"], "NFE": info["nfe"],
+        made_by = info.get("model") or {}
+        model = " ".join(made_by.get(k, "") for k in ("mode", "metric")).strip()
+        if made_by.get("weighting", "uniform") != "uniform":
+            model += f" ({made_by['weighting']} weighting)"
+        rows.append({"set": name, "sampler": info["kind"], "model": model or "teacher", "NFE": info["nfe"],
                      "ts": " ".join(map(str, info.get("ts", []))) or "",
                      "FID": metrics.get("fid", {}).get(name), "KID": metrics.get("kid", {}).get(name),
                      "s/image": info.get("seconds_per_image"), "images": info.get("count")})
