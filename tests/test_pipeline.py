@@ -97,3 +97,29 @@ def test_a_sample_key_reruns_sampling_only(smoke_repo):
     out = r.stdout + r.stderr
     assert ran_stages(out) == {"sample", "evaluate", "report"}, out[-3000:]
     assert "cm_nfe3" in read_metrics(repo)["fid"]
+
+
+def test_ct_mode_reruns_distill_and_after_only(smoke_repo):
+    repo, env, _ = smoke_repo
+    r = run(["dvc", "exp", "run", "-S", "distill.mode=ct", "-n", "ct"], repo, env)
+    out = r.stdout + r.stderr
+    assert ran_stages(out) == {"distill", "sample", "evaluate", "report"}, out[-3000:]
+    assert "ct: " in out and "from random weights" in out  # no teacher, no cache
+    m = read_metrics(repo)
+    assert all(math.isfinite(v) for v in m["fid"].values())
+    assert "| ct pseudo_huber" in (repo / "reports/summary.md").read_text()
+
+
+def test_ict_with_lpips_runs_and_exp_show_carries_mode_and_distance(smoke_repo):
+    repo, env, _ = smoke_repo
+    ict = ["distill.mode=ct", "distill.ct_num_scales=ict", "distill.mu_schedule=fixed", "distill.mu=0",
+           "distill.weighting=ict", "distill.ct_index=lognormal", "distill.metric=lpips"]
+    r = run(["dvc", "exp", "run", "-n", "ict-lpips"] + [a for kv in ict for a in ("-S", kv)], repo, env)
+    out = r.stdout + r.stderr
+    assert ran_stages(out) == {"distill", "sample", "evaluate", "report"}, out[-3000:]
+    assert all(math.isfinite(v) for v in read_metrics(repo)["fid"].values())
+    assert "| ct lpips (ict weighting)" in (repo / "reports/summary.md").read_text()
+    show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
+    header, rows = show.splitlines()[0].split(","), [r.split(",") for r in show.splitlines()[1:]]
+    row = next(r for r in rows if "ict-lpips" in r)
+    assert row[header.index("distill.mode")] == "ct" and row[header.index("distill.metric")] == "lpips"

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -95,7 +95,6 @@ class TrainConfig:
     log_every: int
     seed: int
     name: str = "train"
-    extra_log: dict = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
