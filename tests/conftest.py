@@ -6,5 +6,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# Reference files for tests, copied from ../shared/testdata so a clean clone has them
+# (testdata/lpips: the LPIPS authors' example images, BSD-2-Clause, see its LICENSE).
+TESTDATA = ROOT / "tests" / "data"
 sys.path.insert(0, str(ROOT))

@@ -17,9 +17,11 @@ def edm_loss(denoiser, x: torch.Tensor, P_mean: float, P_std: float, sigma_data:
     """EDM (Karras et al. 2022, eq. 2 + Table 1): ln sigma ~ N(P_mean, P_std^2),
     weight lambda = (sigma^2 + sd^2) / (sigma sd)^2, loss = lambda ||D(x + sigma n; sigma) - x||^2."""
     b = x.shape[0]
-    rnd = torch.randn(b, generator=generator, device=x.device)
+    # Drawn on the CPU (where the training loop's seeded generator lives), then moved: the
+    # same noise on every device.
+    rnd = torch.randn(b, generator=generator).to(x.device)
     sigma = (rnd * P_std + P_mean).exp()
-    noise = torch.randn(x.shape, generator=generator, device=x.device) * sigma.reshape(-1, 1, 1, 1)
+    noise = torch.randn(x.shape, generator=generator).to(x.device) * sigma.reshape(-1, 1, 1, 1)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     D = denoiser(x + noise, sigma)
     return (weight * mean_flat((D - x) ** 2)).mean()
