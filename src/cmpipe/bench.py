@@ -4,6 +4,9 @@ distill-step: in one process and on the same batch, a CD step that reads cached
 teacher pairs against a CD step that runs the teacher's Heun step online
 (2 teacher evaluations more per step). Steps alternate between the two kinds so
 that the machine's noise hits both alike; the ratio is what to compare.
+`--metric` picks the distance (l2, l1, pseudo_huber, lpips); `--compare-metrics`
+adds cached steps with each of l2, pseudo_huber and lpips, alternating in the same
+run, and their cost per step relative to l2: what LPIPS costs.
 """
 from __future__ import annotations
 
@@ -31,7 +34,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def distill_step(batch_size: int, steps: int, metric: str, params_file: str, device: str) -> dict:
+def _metric(name: str, lpips_resize: int | None, dev):
+    if name != "lpips":
+        return name
+    from .lpips import load_lpips
+
+    return load_lpips("alex", resize=lpips_resize, device=dev)
+
+
+def distill_step(batch_size: int, steps: int, metric: str, params_file: str, device: str,
+                 lpips_resize: int | None = 224, compare_metrics: bool = False) -> dict:
     fast_cpu_defaults()
     dev = pick_device(device)
     p = params_mod.load_many("model", "diffusion", path=params_file)
@@ -49,12 +61,16 @@ def distill_step(batch_size: int, steps: int, metric: str, params_file: str, dev
     n = torch.randint(sig.num_scales - 1, (batch_size,), generator=g).to(dev)
     grid = sig.grid().float().to(dev)
     x_n, x_next = teacher_heun_pair(teacher, x, z, grid[n], grid[n + 1])  # the "cache"
+    names = ["l2", "pseudo_huber", "lpips"] if compare_metrics else []
+    metrics = {m: _metric(m, lpips_resize, dev) for m in {metric, *names}}
 
     def step(kind):
         if kind == "cached":
-            loss = cd_loss(student, target, n, x_n, x_next, sig, metric)
-        else:
-            loss = cd_loss_online(student, target, teacher, x, n, z, sig, metric)
+            loss = cd_loss(student, target, n, x_n, x_next, sig, metrics[metric])
+        elif kind == "online":
+            loss = cd_loss_online(student, target, teacher, x, n, z, sig, metrics[metric])
+        else:  # a cached step with another distance
+            loss = cd_loss(student, target, n, x_n, x_next, sig, metrics[kind])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -62,22 +78,28 @@ def distill_step(batch_size: int, steps: int, metric: str, params_file: str, dev
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    for kind in ("cached", "online"):  # warm-up
+    kinds = ["cached", "online", *names]
+    for kind in kinds:  # warm-up
         for _ in range(2):
             step(kind)
-    times = {"cached": 0.0, "online": 0.0}
+    times = dict.fromkeys(kinds, 0.0)
     for _ in range(steps):
-        for kind in ("cached", "online"):
+        for kind in kinds:
             t0 = time.perf_counter()
             step(kind)
             times[kind] += time.perf_counter() - t0
-    cached = steps * batch_size / times["cached"]
-    online = steps * batch_size / times["online"]
-    return {"bench": "distill-step", "device": dev.type, "threads": torch.get_num_threads(),
-            "batch_size": batch_size, "steps": steps, "metric": metric,
-            "parameters": count_parameters(net),
-            "cached_images_per_sec": round(cached, 2), "online_images_per_sec": round(online, 2),
-            "ratio": round(cached / online, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+    rate = {k: steps * batch_size / t for k, t in times.items()}
+    out = {"bench": "distill-step", "device": dev.type, "threads": torch.get_num_threads(),
+           "batch_size": batch_size, "steps": steps, "metric": metric,
+           "lpips_resize": lpips_resize if "lpips" in metrics else None,
+           "parameters": count_parameters(net),
+           "cached_images_per_sec": round(rate["cached"], 2), "online_images_per_sec": round(rate["online"], 2),
+           "ratio": round(rate["cached"] / rate["online"], 3)}
+    if names:
+        out["cached_images_per_sec_by_metric"] = {m: round(rate[m], 2) for m in names}
+        out["step_time_relative_to_l2"] = {m: round(rate["l2"] / rate[m], 3) for m in names}
+    out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    return out
 
 
 def main(argv=None) -> int:
@@ -87,12 +109,17 @@ def main(argv=None) -> int:
     d = sub.add_parser("distill-step", help="cached vs online-teacher CD step")
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--steps", type=int, default=10)
-    d.add_argument("--metric", default="pseudo_huber", choices=["l2", "l1", "pseudo_huber"])
+    d.add_argument("--metric", default="pseudo_huber", choices=["l2", "l1", "pseudo_huber", "lpips"])
+    d.add_argument("--lpips-resize", type=lambda v: None if v == "none" else int(v), default=224,
+                   help="LPIPS input size (distill.lpips_resize); 'none' keeps the image size")
+    d.add_argument("--compare-metrics", action="store_true",
+                   help="also time cached steps with l2, pseudo_huber and lpips, alternating")
     d.add_argument("--params", default="params.yaml", help="params file whose `model` section is benchmarked")
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = ap.parse_args(argv)
     if a.name == "distill-step":
-        print(json.dumps(distill_step(a.batch_size, a.steps, a.metric, a.params, a.device)))
+        print(json.dumps(distill_step(a.batch_size, a.steps, a.metric, a.params, a.device,
+                                      a.lpips_resize, a.compare_metrics)))
     return 0
 
 
