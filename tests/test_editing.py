@@ -1,0 +1,106 @@
+"""Zero-shot editing (Algorithm 4): each task keeps its known part exactly, on a small real model."""
+import math
+
+import pytest
+import torch
+
+from cmpipe.editing import (bicubic_upsample_means, centre_box_mask, colorization, edit, inpainting, mean_fill,
+                            orthogonal_with_first, psnr, random_box_masks, slerp, stroke_painting,
+                            super_resolution)
+from cmpipe.karras import Sigmas
+from cmpipe.networks import ConsistencyFunction, build_unet, unet_config
+
+SIG = Sigmas(num_scales=18)
+
+
+def small_model(channels):
+    torch.manual_seed(0)
+    net = build_unet(unet_config([8, 16], 1, [], 0.0, 16, channels))
+    return ConsistencyFunction(net, SIG.sigma_data, SIG.sigma_min).eval()
+
+
+def images(n, channels, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, channels, 16, 16, generator=g) * 2 - 1
+
+
+def noise_fn(shape, seed=2):
+    return lambda k: torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100 + k))
+
+
+def test_orthogonal_basis_with_a_given_first_axis():
+    for d in (3, 4, 16):
+        q = orthogonal_with_first(torch.ones(d))
+        assert torch.allclose(q @ q.T, torch.eye(d, dtype=q.dtype), atol=1e-12)
+        assert torch.allclose(q[0], torch.full((d,), 1 / math.sqrt(d), dtype=q.dtype), atol=1e-12)
+
+
+@pytest.mark.parametrize("task", ["inpainting", "colorization", "super_resolution"])
+def test_each_task_keeps_its_known_part(task):
+    c = 1 if task == "super_resolution" else 3
+    y = images(3, c)
+    if task == "inpainting":
+        con = inpainting(random_box_masks(3, 16, 16, torch.Generator().manual_seed(0)))
+    elif task == "colorization":
+        con = colorization(3)
+    else:
+        con = super_resolution(4, 16, 16)
+    out = edit(small_model(c), y, con, SIG, [0, 6, 12], noise_fn(y.shape))
+    assert out.shape == y.shape and torch.isfinite(out).all()
+    keep = 1 - con.omega
+    assert (con.forward(out) * keep - con.forward(y) * keep).abs().max() <= 1e-5
+    # and the task really generated something where it did not know y
+    assert (con.forward(out) * con.omega - con.forward(y) * con.omega).abs().max() > 1e-3
+
+
+def test_known_parts_mean_what_they_say():
+    y = images(2, 3)
+    # inpainting keeps pixels, colorization the channel mean, super-resolution the patch means
+    m = centre_box_mask(16, 16, 0.5)
+    assert m.sum() == 64 and m[0, 0, 4:12, 4:12].all()
+    x = images(2, 3, seed=5)
+    assert torch.allclose(inpainting(m).project(x, y) * (1 - m), y * (1 - m))
+    assert torch.allclose(colorization().project(x, y).mean(1), y.mean(1), atol=1e-6)
+    sr = super_resolution(4, 16, 16).project(x, y)
+    assert torch.allclose(torch.nn.functional.avg_pool2d(sr, 4), torch.nn.functional.avg_pool2d(y, 4), atol=1e-6)
+    assert torch.allclose(super_resolution(4, 16, 16).inverse(super_resolution(4, 16, 16).forward(x)), x,
+                          atol=1e-6)
+
+
+def test_bad_task_settings_fail_clearly():
+    with pytest.raises(ValueError, match="RGB"):
+        colorization(1)
+    with pytest.raises(ValueError, match="divide"):
+        super_resolution(3, 16, 16)
+    with pytest.raises(ValueError, match="levels"):
+        stroke_painting(images(1, 1), 4, 1)
+
+
+def test_stroke_editing_starts_from_the_noised_painting():
+    y = images(2, 1)
+    s = stroke_painting(y, 4, 3)
+    assert s.shape == y.shape and set(torch.unique(s).tolist()) <= {-1.0, 0.0, 1.0}
+    out = edit(small_model(1), s, None, SIG, [8, 14], noise_fn(y.shape))
+    assert out.shape == y.shape and out.abs().max() <= 1
+
+
+def test_slerp_end_points_and_norm():
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(2, 1, 16, 16, generator=g), torch.randn(2, 1, 16, 16, generator=g)
+    assert torch.allclose(slerp(z0, z1, 0.0), z0, atol=1e-5) and torch.allclose(slerp(z0, z1, 1.0), z1, atol=1e-5)
+    mid = slerp(z0, z1, 0.5)  # norms of Gaussian noises stay about sqrt(dim), unlike a linear mix
+    assert abs(mid.flatten(1).norm(dim=1).mean() - 16) < 2.5
+    assert torch.allclose(slerp(z0, z0, 0.3), z0)
+
+
+def test_baselines_and_psnr_by_hand():
+    y = torch.zeros(1, 1, 4, 4)
+    assert psnr(y + 0.2, y).item() == pytest.approx(10 * math.log10(4 / 0.04))
+    m = torch.zeros(1, 1, 4, 4)
+    m[..., :2, :] = 1
+    y2 = torch.arange(16.0).reshape(1, 1, 4, 4) / 16
+    filled = mean_fill(y2, m)
+    assert torch.allclose(filled[..., 2:, :], y2[..., 2:, :])
+    assert torch.allclose(filled[..., :2, :], torch.full((1, 1, 2, 4), y2[..., 2:, :].mean().item()))
+    flat = torch.full((1, 1, 8, 8), 0.25)
+    assert torch.allclose(bicubic_upsample_means(flat, 4), flat)
