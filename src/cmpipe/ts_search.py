@@ -1,0 +1,55 @@
+"""Choosing the intermediate grid indices ts of multistep consistency sampling.
+
+Song et al. 2023 pick the second index of 2-step sampling by a ternary search on FID, then,
+for 3 steps, keep the first two and search the third the same way. `search_ts` does that (or an
+exhaustive grid search) for any objective ts -> float, e.g. the FID of a held-out sample set;
+each ts is evaluated once (memoised), and every evaluation is returned for the reports.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+
+def ternary_search(objective: Callable[[int], float], lo: int, hi: int) -> int:
+    """The integer in [lo, hi] that minimises a unimodal objective (ties: the smaller)."""
+    if lo > hi:
+        raise ValueError(f"empty search interval [{lo}, {hi}]")
+    while hi - lo > 2:
+        m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+        if objective(m1) <= objective(m2):
+            hi = m2
+        else:
+            lo = m1
+    return min(range(lo, hi + 1), key=lambda i: (objective(i), i))
+
+
+def search_ts(objective: Callable[[list[int]], float], max_steps: int, num_scales: int,
+              method: str = "ternary") -> tuple[dict[int, list[int]], dict[str, float]]:
+    """ts for 2..max_steps steps, each extending the previous one by its best last index.
+
+    Returns ({steps: ts}, {"0,11": value, ...}: every evaluated ts).
+    """
+    if method not in ("ternary", "grid"):
+        raise ValueError(f"unknown ts search method {method!r}: use ternary or grid")
+    if max_steps < 2 or max_steps > num_scales:
+        raise ValueError(f"searching ts for {max_steps} steps needs 2 <= steps <= num_scales ({num_scales})")
+    seen: dict[str, float] = {}
+
+    def value(ts: list[int]) -> float:
+        key = ",".join(map(str, ts))
+        if key not in seen:
+            seen[key] = float(objective(ts))
+        return seen[key]
+
+    chosen, ts = {}, [0]
+    for steps in range(2, max_steps + 1):
+        lo, hi = ts[-1] + 1, num_scales - 1 - (max_steps - steps)  # leave room for later steps
+        def last(i, prefix=tuple(ts)):
+            return value([*prefix, i])
+        if method == "grid":
+            best = min(range(lo, hi + 1), key=lambda i: (last(i), i))
+        else:
+            best = ternary_search(last, lo, hi)
+        ts = [*ts, best]
+        chosen[steps] = ts
+    return chosen, seen
