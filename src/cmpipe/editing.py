@@ -197,3 +197,32 @@ def random_box_masks(n: int, height: int, width: int, generator: torch.Generator
     for i, (t, l) in enumerate(zip(tops.tolist(), lefts.tolist())):
         m[i, :, t:t + bh, l:l + bw] = 1
     return m
+
+
+def load_mask_png(path, height: int, width: int) -> torch.Tensor:
+    """1 x 1 x H x W mask from a PNG: white (> 127 after conversion to gray) = generate."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask image {path} not found (edit.inpaint_mask)")
+    try:
+        im = Image.open(path).convert("L").resize((width, height), Image.NEAREST)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"mask image {path} cannot be read as an image ({e})") from None
+    m = torch.from_numpy((np.asarray(im) > 127).astype("float32"))[None, None]
+    if m.sum() == 0:
+        raise ValueError(f"mask image {path} has no white pixel: nothing to inpaint")
+    return m
+
+
+def edit_with_seed(f, y: torch.Tensor, constraint: Constraint | None, sig: Sigmas, ts: list[int], seed: int,
+                   stream: int, start: torch.Tensor | None = None) -> torch.Tensor:
+    """`edit` with the noise of image i drawn from (seed, i, stream, step): batch-size independent."""
+    from .sampling import per_sample_randn
+
+    idx = range(len(y))
+    return edit(f, y, constraint, sig, ts, lambda k: per_sample_randn(seed, idx, y.shape[1:], stream, k), start)
