@@ -2,9 +2,12 @@
 
     python -m stages.sample
 
-Reads params `sample` and `diffusion`; inputs data/student/model.pt and data/teacher/model.pt;
-outputs data/samples/<set>.npz (uint8 N×H×W×C `images`), data/samples/sets.json (kind,
-NFE, ts, count, seconds per image) and reports/samples/<set>.png (first 64 images).
+Reads params `sample` and `diffusion`; inputs data/student/model.pt and data/teacher/model.pt
+(and data/fid_ref.npz for the ts search); outputs data/samples/<set>.npz (uint8 N×H×W×C
+`images`), data/samples/sets.json (kind, NFE, ts, count, seconds per image),
+reports/samples/<set>.png (first 64 images) and reports/ts_search.json. With
+`sample.search_ts`, the ts of 2 and more steps come from a search on the FID of
+`search_count` held-out samples (`cmpipe.ts_search`), and every candidate's FID is reported.
 Sets: cm_nfe<k> for k in sample.steps, teacher_nfe<nfe> (Heun) for sample.teacher_heun_nfe
 and teacher_euler_nfe<nfe> for sample.teacher_euler_nfe. All sets share initial noises.
 """
@@ -14,7 +17,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from cmpipe import params
+from cmpipe import evaluation, params
 from cmpipe.fileio import atomic_savez, atomic_write_json
 from cmpipe.images import save_grid
 from cmpipe.karras import Sigmas, heun_nfe_to_steps
@@ -22,11 +25,14 @@ from cmpipe.networks import ConsistencyFunction, EDMDenoiser, load_network
 from cmpipe.sampling import check_ts, cm_sampler, default_ts, euler_sampler, generate, heun_sampler
 from cmpipe.stage import run_stage
 from cmpipe.training import pick_device
+from cmpipe.ts_search import search_ts_by_fid
 
 STUDENT = Path("data/student/model.pt")
 TEACHER = Path("data/teacher/model.pt")
 OUT = Path("data/samples")
 GRIDS = Path("reports/samples")
+FID_REF = Path("data/fid_ref.npz")
+SEARCH_REPORT = Path("reports/ts_search.json")
 log = logging.getLogger("stages.sample")
 
 
@@ -65,6 +71,26 @@ def main():
     # How the consistency model was made, carried into the reports' table.
     made_by = {k: ckpt["meta"][k] for k in ("mode", "metric", "weighting") if k in ckpt["meta"]}
 
+    search = {"search_ts": s.search_ts}
+    if s.search_ts:
+        search_steps = max(s.steps)
+        if search_steps < 2:
+            raise params.ParamsError("sample.search_ts needs a step count of 2 or more in sample.steps")
+        if s.search_seed == s.seed:
+            raise params.ParamsError("sample.search_seed must differ from sample.seed: the search's samples "
+                                     "are held out from the evaluated sets")
+        ref = evaluation.load_reference(FID_REF)
+        chosen, fids = search_ts_by_fid(f, sig, shape, search_steps, s.search_count, s.search_seed,
+                                        s.batch_size, device, ref, s.search_method)
+        for k, ts in chosen.items():
+            if f"cm_nfe{k}" in sets:
+                sets[f"cm_nfe{k}"]["ts"] = ts
+                sets[f"cm_nfe{k}"]["ts_searched"] = True
+        search.update(method=s.search_method, count=s.search_count, seed=s.search_seed,
+                      chosen={str(k): ts for k, ts in chosen.items()}, fid=fids,
+                      params_ts={str(k): s.ts.get(k, default_ts(k, sig.num_scales)) for k in chosen})
+        log.info("searched ts: %s", chosen)
+
     for d in (OUT, GRIDS):
         if d.exists():
             shutil.rmtree(d)
@@ -82,6 +108,7 @@ def main():
         info.update(count=s.count, seconds_per_image=spi, device=device.type)
         log.info("%s: %d images, %.4f s/image", name, s.count, spi)
     atomic_write_json(OUT / "sets.json", sets)
+    atomic_write_json(SEARCH_REPORT, search)
 
 
 if __name__ == "__main__":

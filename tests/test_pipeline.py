@@ -62,7 +62,7 @@ def read_metrics(repo: Path) -> dict:
 def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
     repo, env, out = smoke_repo
     assert ran_stages(out) == {"shard", "fid_ref", "teacher", "trajectories", "distill", "sample",
-                               "evaluate", "report"}
+                               "evaluate", "edit", "report"}
     m = read_metrics(repo)
     names = {"cm_nfe1", "cm_nfe2", "teacher_nfe7", "teacher_euler_nfe1", "teacher_euler_nfe2"}
     assert set(m["fid"]) == names and set(m["kid"]) == names
@@ -76,6 +76,12 @@ def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
     # dvclive curves of both training stages
     assert (repo / "reports/teacher/plots/metrics/loss.tsv").exists()
     assert (repo / "reports/distill/plots/metrics/loss.tsv").exists()
+    edit = json.loads((repo / "reports/edit/metrics.json").read_text())
+    for task in ("inpainting", "super_resolution"):
+        assert all(math.isfinite(edit[task][k]) for k in ("psnr", "lpips", "baseline_psnr", "baseline_lpips"))
+    assert "gray" in edit["colorization"]["skipped"]
+    for png in ("inpainting", "super_resolution", "stroke", "interpolation"):
+        assert (repo / f"reports/edit/{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     status = run(["dvc", "status"], repo, env).stdout
     assert "up to date" in status
 
@@ -93,10 +99,15 @@ def test_exp_run_of_a_distill_key_reruns_distill_and_after_only(smoke_repo):
 
 def test_a_sample_key_reruns_sampling_only(smoke_repo):
     repo, env, _ = smoke_repo
-    r = run(["dvc", "exp", "run", "-S", "sample.steps=[1,2,3]", "-n", "three-steps"], repo, env)
+    r = run(["dvc", "exp", "run", "-S", "sample.steps=[1,2,3]", "-S", "sample.search_ts=true",
+             "-n", "three-steps"], repo, env)
     out = r.stdout + r.stderr
     assert ran_stages(out) == {"sample", "evaluate", "report"}, out[-3000:]
     assert "cm_nfe3" in read_metrics(repo)["fid"]
+    search = json.loads((repo / "reports/ts_search.json").read_text())
+    assert set(search["chosen"]) == {"2", "3"} and search["chosen"]["3"][:2] == search["chosen"]["2"]
+    assert all(math.isfinite(v) for v in search["fid"].values())
+    assert "(searched)" in (repo / "reports/summary.md").read_text()
 
 
 def test_ct_mode_reruns_distill_and_after_only(smoke_repo):

@@ -123,6 +123,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "ts": _k("ts_map"),
         "teacher_heun_nfe": _k("int_list", min=1),
         "teacher_euler_nfe": _k("int_list", min=1),
+        "search_ts": _k("bool"),
+        "search_method": _k("str", choices=("ternary", "grid")),
+        "search_count": _k("int", min=2),
+        "search_seed": _k("int", min=0),
         "device": _k("str", choices=("auto", "cpu", "cuda")),
     },
     "edit": {

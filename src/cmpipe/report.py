@@ -15,7 +15,7 @@ def results_table(metrics: dict, sets: dict) -> pd.DataFrame:
         if made_by.get("weighting", "uniform") != "uniform":
             model += f" ({made_by['weighting']} weighting)"
         rows.append({"set": name, "sampler": info["kind"], "model": model or "teacher", "NFE": info["nfe"],
-                     "ts": " ".join(map(str, info.get("ts", []))) or "",
+                     "ts": " ".join(map(str, info.get("ts", []))) + (" (searched)" if info.get("ts_searched") else ""),
                      "FID": metrics.get("fid", {}).get(name), "KID": metrics.get("kid", {}).get(name),
                      "s/image": info.get("seconds_per_image"), "images": info.get("count")})
     return pd.DataFrame(rows).sort_values(["sampler", "NFE"]).reset_index(drop=True)
