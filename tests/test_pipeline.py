@@ -90,7 +90,7 @@ def test_exp_run_of_a_distill_key_reruns_distill_and_after_only(smoke_repo):
     repo, env, _ = smoke_repo
     r = run(["dvc", "exp", "run", "-S", "distill.lr=0.0003", "-n", "lr3e-4"], repo, env)
     out = r.stdout + r.stderr
-    assert ran_stages(out) == {"distill", "sample", "evaluate", "report"}, out[-3000:]
+    assert ran_stages(out) == {"distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
     m = read_metrics(repo)
     assert all(math.isfinite(v) for v in m["fid"].values())
     show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
@@ -114,7 +114,7 @@ def test_ct_mode_reruns_distill_and_after_only(smoke_repo):
     repo, env, _ = smoke_repo
     r = run(["dvc", "exp", "run", "-S", "distill.mode=ct", "-n", "ct"], repo, env)
     out = r.stdout + r.stderr
-    assert ran_stages(out) == {"distill", "sample", "evaluate", "report"}, out[-3000:]
+    assert ran_stages(out) == {"distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
     assert "ct: " in out and "from random weights" in out  # no teacher, no cache
     m = read_metrics(repo)
     assert all(math.isfinite(v) for v in m["fid"].values())
@@ -127,7 +127,7 @@ def test_ict_with_lpips_runs_and_exp_show_carries_mode_and_distance(smoke_repo):
            "distill.weighting=ict", "distill.ct_index=lognormal", "distill.metric=lpips"]
     r = run(["dvc", "exp", "run", "-n", "ict-lpips"] + [a for kv in ict for a in ("-S", kv)], repo, env)
     out = r.stdout + r.stderr
-    assert ran_stages(out) == {"distill", "sample", "evaluate", "report"}, out[-3000:]
+    assert ran_stages(out) == {"distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
     assert all(math.isfinite(v) for v in read_metrics(repo)["fid"].values())
     assert "| ct lpips (ict weighting)" in (repo / "reports/summary.md").read_text()
     show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
