@@ -1,4 +1,6 @@
 """The whole DAG through the real `dvc` command, on the smoke params, in a temporary git repo."""
+import csv
+import io
 import json
 import math
 import os
@@ -131,6 +133,6 @@ def test_ict_with_lpips_runs_and_exp_show_carries_mode_and_distance(smoke_repo):
     assert all(math.isfinite(v) for v in read_metrics(repo)["fid"].values())
     assert "| ct lpips (ict weighting)" in (repo / "reports/summary.md").read_text()
     show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
-    header, rows = show.splitlines()[0].split(","), [r.split(",") for r in show.splitlines()[1:]]
-    row = next(r for r in rows if "ict-lpips" in r)
-    assert row[header.index("distill.mode")] == "ct" and row[header.index("distill.metric")] == "lpips"
+    rows = list(csv.DictReader(io.StringIO(show)))  # list params are quoted cells with commas
+    row = next(r for r in rows if r["Experiment"] == "ict-lpips")
+    assert row["distill.mode"] == "ct" and row["distill.metric"] == "lpips"
