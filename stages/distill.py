@@ -26,9 +26,11 @@ from cmpipe.data import ShardError, load_image_split, read_manifest
 from cmpipe.distillation import cd_loss, student_from_teacher
 from cmpipe.images import save_grid, to_unit
 from cmpipe.karras import Sigmas
-from cmpipe.networks import ConsistencyFunction, build_unet, count_parameters, load_network, save_model, unet_config
-from cmpipe.sampling import cm_sampler, generate
+from cmpipe.networks import (ConsistencyFunction, build_unet, count_parameters, model_num_classes,
+                             num_classes_of, save_model, unet_config)
+from cmpipe.sampling import cm_sampler, generate, preview_plan
 from cmpipe.stage import run_stage
+from cmpipe.teachers import load_teacher_file
 from cmpipe.trajectories import load_pairs
 from cmpipe.training import EpochSampler, TrainConfig, ema_update, fingerprint_of, pick_device, train
 
@@ -61,7 +63,7 @@ def build_metric(d, device):
     return load_lpips(d.lpips_net, resize=d.lpips_resize, device=device)
 
 
-def cd_setup(d, sig: Sigmas, device, metric):
+def cd_setup(d, sig: Sigmas, model_params, device, metric):
     """Student from the teacher's EMA, batches of cached teacher pairs: (student, unet, loss, inputs)."""
     if not (CACHE / "cache.json").exists():
         raise ShardError(f"{CACHE / 'cache.json'} not found: run `dvc repro trajectories` first")
@@ -69,16 +71,26 @@ def cd_setup(d, sig: Sigmas, device, metric):
     if cache["num_scales"] != sig.num_scales:
         raise ShardError(f"the trajectory cache was made on a {cache['num_scales']}-point grid but "
                          f"diffusion.num_scales = {sig.num_scales}; run `dvc repro trajectories`")
-    net, ckpt = load_network(TEACHER, ("edm_teacher",))
-    n_all, xn_all, xnext_all = load_pairs([Path(s["path"]) for s in cache["shards"]], cache["shape"])
+    net, ckpt = load_teacher_file(TEACHER)
+    teacher_classes = num_classes_of(ckpt["unet"])
+    if (teacher_classes is not None) != model_params.class_conditional:
+        raise params.ParamsError(
+            f"model.class_conditional is {str(model_params.class_conditional).lower()} but the teacher "
+            f"{TEACHER} is {'class-conditional' if teacher_classes else 'unconditional'}: run "
+            f"`dvc repro teacher` (or adopt a teacher that matches)")
+    n_all, xn_all, xnext_all, y_all = load_pairs([Path(s["path"]) for s in cache["shards"]], cache["shape"])
+    if (y_all is None) != (teacher_classes is None):
+        raise ShardError(f"the trajectory cache {CACHE} and the teacher {TEACHER} disagree on class labels; "
+                         f"rebuild the cache with `dvc repro trajectories`")
     log.info("cd: %d cached pairs, the student starts from the teacher's EMA", len(n_all))
     student = student_from_teacher(net, sig).to(device)
     sampler = EpochSampler(len(n_all), d.batch_size, d.seed)
 
     def loss_at(step, g, target):
         i = sampler.indices(step)
-        return cd_loss(student, target, n_all[i].to(device), xn_all[i].to(device), xnext_all[i].to(device),
-                       sig, metric, d.huber_c, d.weighting)
+        y = None if y_all is None else y_all[i].to(device)
+        return cd_loss(student.with_labels(y), target.with_labels(y), n_all[i].to(device), xn_all[i].to(device),
+                       xnext_all[i].to(device), sig, metric, d.huber_c, d.weighting)
 
     inputs = [[s["sha256"] for s in cache["shards"]], cache["teacher_sha256"]]
     return student, ckpt["unet"], loss_at, inputs
@@ -88,9 +100,10 @@ def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric):
     """Student from random weights, batches of training images: (student, unet, loss, inputs)."""
     manifest = read_manifest(MANIFEST)
     c, h, _ = manifest["shape"]
-    images, _ = load_image_split(MANIFEST, role="train")
+    images, labels = load_image_split(MANIFEST, role="train")
+    num_classes = model_num_classes(model_params.class_conditional, manifest["class_names"])
     cfg_unet = unet_config(model_params.block_out_channels, model_params.layers_per_block,
-                           model_params.attention_levels, model_params.dropout, h, c)
+                           model_params.attention_levels, model_params.dropout, h, c, num_classes)
     torch.manual_seed(d.seed)  # the initial weights
     student = ConsistencyFunction(build_unet(cfg_unet), sig.sigma_data, sig.sigma_min).to(device)
     log.info("ct: %d training images, a %.2fM-parameter student from random weights; N(k) %d -> %d, "
@@ -100,10 +113,13 @@ def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric):
 
     def loss_at(step, g, target):
         sigmas = sig.grid(sched.N(step))
-        x = to_unit(images[sampler.indices(step)])
+        i = sampler.indices(step)
+        x = to_unit(images[i])
+        y = labels[i].to(device) if num_classes else None
         z = torch.randn(x.shape, generator=g)
         n = sample_pair_indices(sigmas, len(x), g, d.ct_index, d.ict_P_mean, d.ict_P_std)
-        return ct_loss(student, target, x.to(device), z.to(device), n, sigmas, metric, d.huber_c, d.weighting)
+        return ct_loss(student.with_labels(y), target.with_labels(y), x.to(device), z.to(device), n, sigmas,
+                       metric, d.huber_c, d.weighting)
 
     inputs = [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]]
     return student, cfg_unet, loss_at, inputs
@@ -121,7 +137,7 @@ def main():
                       name="distill")
     sched = CTSchedule.from_params(d, cfg.steps)
     if d.mode == "cd":
-        student, unet, loss_at, inputs = cd_setup(d, sig, device, metric)
+        student, unet, loss_at, inputs = cd_setup(d, sig, p.model, device, metric)
     else:
         student, unet, loss_at, inputs = ct_setup(d, sig, p.model, sched, device, metric)
     if REPORT.exists():
@@ -149,7 +165,8 @@ def main():
 
     ema = emas["ema"].eval()
     shape = (unet["in_channels"], unet["sample_size"], unet["sample_size"])
-    imgs, _ = generate(cm_sampler(ema, sig, [0], d.seed, shape), 64, 64, shape, d.seed, device,
+    count, grid_labels = preview_plan(ema.num_classes)  # one row per class if conditional
+    imgs, _ = generate(cm_sampler(ema, sig, [0], d.seed, shape, grid_labels), count, 64, shape, d.seed, device,
                        "one-step grid")
     save_grid(imgs, REPORT / "samples.png", nrow=8)
     log.info("wrote %s and %s", OUT, REPORT / "samples.png")

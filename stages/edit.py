@@ -28,7 +28,7 @@ from cmpipe.fileio import atomic_write_json
 from cmpipe.images import save_grid, to_uint8, to_unit
 from cmpipe.karras import Sigmas
 from cmpipe.networks import ConsistencyFunction, load_network
-from cmpipe.sampling import consistency_sample, per_sample_randn
+from cmpipe.sampling import bind_labels, class_labels, consistency_sample, per_sample_randn
 from cmpipe.stage import run_stage
 from cmpipe.training import pick_device, seeded_generator
 
@@ -76,12 +76,15 @@ def main():
     check(e, sig, c, h, w)
     device = pick_device("auto")
     net, _ = load_network(STUDENT, ("consistency",), which="ema")
-    f = ConsistencyFunction(net, sig.sigma_data, sig.sigma_min).to(device).eval()
+    model = ConsistencyFunction(net, sig.sigma_data, sig.sigma_min).to(device).eval()
     from cmpipe.lpips import load_lpips
 
     lpips = load_lpips("alex", resize=e.lpips_resize, device=device)
-    truth = to_unit(load_image_split(MANIFEST, role="ref", limit=e.count)[0]).to(device)
+    truth_uint8, truth_labels = load_image_split(MANIFEST, role="ref", limit=e.count)
+    truth = to_unit(truth_uint8).to(device)
     n = len(truth)
+    # A class-conditional model edits each image under its own (true) class.
+    f = model.with_labels(truth_labels.to(device) if model.num_classes else None)
     log.info("editing %d held-out images of %dx%dx%d with ts %s", n, c, h, w, e.ts)
 
     tmp = OUT.with_name(OUT.name + ".tmp")
@@ -144,7 +147,8 @@ def main():
     idx = list(range(e.interp_pairs))
     z0 = per_sample_randn(e.seed, idx, (c, h, w), 5, 0).to(device)
     z1 = per_sample_randn(e.seed, idx, (c, h, w), 5, 1).to(device)
-    frames = [consistency_sample(f, slerp(z0, z1, a), sig, [0], lambda k: None)
+    f_pairs = bind_labels(model, class_labels(model.num_classes, e.seed), idx, device)
+    frames = [consistency_sample(f_pairs, slerp(z0, z1, a), sig, [0], lambda k: None)
               for a in np.linspace(0, 1, e.interp_frames)]
     save_grid(to_uint8(torch.stack(frames, 1).flatten(0, 1)), tmp / "interpolation.png", nrow=e.interp_frames)
     metrics["interpolation"] = {"pairs": e.interp_pairs, "frames": e.interp_frames}

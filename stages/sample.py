@@ -19,11 +19,13 @@ from pathlib import Path
 
 from cmpipe import evaluation, params
 from cmpipe.fileio import atomic_savez, atomic_write_json
-from cmpipe.images import save_grid
+from cmpipe.images import class_rows, save_grid
 from cmpipe.karras import Sigmas, heun_nfe_to_steps
-from cmpipe.networks import ConsistencyFunction, EDMDenoiser, load_network
-from cmpipe.sampling import check_ts, cm_sampler, default_ts, euler_sampler, generate, heun_sampler
+from cmpipe.networks import ConsistencyFunction, load_network, num_classes_of
+from cmpipe.sampling import (check_ts, class_labels, cm_sampler, default_ts, euler_sampler, generate,
+                             heun_sampler)
 from cmpipe.stage import run_stage
+from cmpipe.teachers import load_teacher
 from cmpipe.training import pick_device
 from cmpipe.ts_search import search_ts_by_fid
 
@@ -63,11 +65,19 @@ def main():
     sets = plan_sets(s, sig)
     device = pick_device(s.device)
     student_net, ckpt = load_network(STUDENT, ("consistency",), which="ema")
-    teacher_net, _ = load_network(TEACHER, ("edm_teacher",), which="ema")
     f = ConsistencyFunction(student_net, sig.sigma_data, sig.sigma_min).to(device).eval()
-    D = EDMDenoiser(teacher_net, sig.sigma_data).to(device).eval()
+    D = load_teacher(TEACHER, sig.sigma_data, device)
     u = ckpt["unet"]
     shape = (u["in_channels"], u["sample_size"], u["sample_size"])
+    num_classes = num_classes_of(u)
+    if D.num_classes != num_classes:
+        raise params.ParamsError(f"the student {STUDENT} ({num_classes or 'no'} classes) and the teacher "
+                                 f"{TEACHER} ({D.num_classes or 'no'} classes) disagree on class conditioning; "
+                                 f"run `dvc repro` to retrain them with the same model.class_conditional")
+    try:
+        labels = class_labels(num_classes, s.seed, s.class_label)
+    except ValueError as e:
+        raise params.ParamsError(f"sample.class_label: {e}") from None
     # How the consistency model was made, carried into the reports' table.
     made_by = {k: ckpt["meta"][k] for k in ("mode", "metric", "weighting") if k in ckpt["meta"]}
 
@@ -80,8 +90,11 @@ def main():
             raise params.ParamsError("sample.search_seed must differ from sample.seed: the search's samples "
                                      "are held out from the evaluated sets")
         ref = evaluation.load_reference(FID_REF)
+        # The ts given in params start the refinement, so the search never ends worse than them.
+        start = {k: s.ts.get(k, default_ts(k, sig.num_scales)) for k in range(2, search_steps + 1)}
         chosen, fids = search_ts_by_fid(f, sig, shape, search_steps, s.search_count, s.search_seed,
-                                        s.batch_size, device, ref, s.search_method)
+                                        s.batch_size, device, ref, s.search_method, start=start,
+                                        labels=class_labels(num_classes, s.search_seed, s.class_label))
         for k, ts in chosen.items():
             if f"cm_nfe{k}" in sets:
                 sets[f"cm_nfe{k}"]["ts"] = ts
@@ -96,15 +109,21 @@ def main():
             shutil.rmtree(d)
     for name, info in sets.items():
         if info["kind"] == "cm":
-            sampler = cm_sampler(f, sig, info["ts"], s.seed, shape)
+            sampler = cm_sampler(f, sig, info["ts"], s.seed, shape, labels)
             info["model"] = made_by
         elif info["kind"] == "teacher_heun":
-            sampler = heun_sampler(D, sig, info["steps"])
+            sampler = heun_sampler(D, sig, info["steps"], labels)
         else:
-            sampler = euler_sampler(D, sig, info["nfe"])
+            sampler = euler_sampler(D, sig, info["nfe"], labels)
         images, spi = generate(sampler, s.count, s.batch_size, shape, s.seed, device, name)
-        atomic_savez(OUT / f"{name}.npz", images=images)
-        save_grid(images[:64], GRIDS / f"{name}.png", nrow=8)
+        if labels is None:
+            atomic_savez(OUT / f"{name}.npz", images=images)
+            save_grid(images[:64], GRIDS / f"{name}.png", nrow=8)
+        else:  # the classes of the set beside its images; the grid has one row per class
+            y = labels(range(s.count)).numpy()
+            atomic_savez(OUT / f"{name}.npz", images=images, labels=y)
+            save_grid(class_rows(images, y, num_classes), GRIDS / f"{name}.png", nrow=8)
+            info.update(classes=num_classes, class_label=s.class_label)
         info.update(count=s.count, seconds_per_image=spi, device=device.type)
         log.info("%s: %d images, %.4f s/image", name, s.count, spi)
     atomic_write_json(OUT / "sets.json", sets)

@@ -17,12 +17,15 @@ import torch
 
 from cmpipe import params
 from cmpipe.data import load_image_split, read_manifest
+from cmpipe.diffusers_io import is_diffusers_dir
 from cmpipe.images import save_grid, to_unit
 from cmpipe.karras import Sigmas
 from cmpipe.losses import edm_loss
-from cmpipe.networks import EDMDenoiser, build_unet, count_parameters, load_network, save_model, unet_config
-from cmpipe.sampling import generate, heun_sampler
+from cmpipe.networks import (EDMDenoiser, build_unet, count_parameters, load_network, model_num_classes, save_model,
+                             unet_config)
+from cmpipe.sampling import generate, heun_sampler, preview_plan
 from cmpipe.stage import run_stage
+from cmpipe.teachers import adopt_diffusers_teacher, load_teacher
 from cmpipe.training import EpochSampler, TrainConfig, fingerprint_of, pick_device, train
 
 MANIFEST = Path("data/shards/manifest.json")
@@ -41,7 +44,13 @@ def main():
     if REPORT.exists():
         shutil.rmtree(REPORT)
 
-    if t.checkpoint:
+    if t.checkpoint and is_diffusers_dir(t.checkpoint):
+        # A diffusers ε-prediction UNet2DModel + DDPMScheduler: saved as a "ddpm_teacher" file.
+        adopt_diffusers_teacher(t.checkpoint, OUT, (c, h, w))
+        ema = load_teacher(OUT, sig.sigma_data, device)
+        log.info("adopted the diffusers ε-teacher %s (%d DDPM levels, sigma %.4g..%.4g) as %s; no training",
+                 t.checkpoint, ema.num_train_timesteps, ema.sigma_min, ema.sigma_max, OUT)
+    elif t.checkpoint:
         # Adopt a teacher saved by this pipeline: check it fits the data, train nothing.
         net, ckpt = load_network(t.checkpoint, ("edm_teacher",))
         if [ckpt["unet"]["in_channels"], ckpt["unet"]["sample_size"]] != [c, h]:
@@ -53,18 +62,22 @@ def main():
         save_model(OUT, "edm_teacher", ckpt["unet"], ckpt["weights"], dict(ckpt["meta"], adopted_from=t.checkpoint))
         ema = EDMDenoiser(net, sig.sigma_data)
     else:
+        num_classes = model_num_classes(p.model.class_conditional, manifest["class_names"])
         cfg_unet = unet_config(p.model.block_out_channels, p.model.layers_per_block,
-                               p.model.attention_levels, p.model.dropout, h, c)
+                               p.model.attention_levels, p.model.dropout, h, c, num_classes)
         torch.manual_seed(t.seed)  # the initial weights
         net = build_unet(cfg_unet).to(device)
-        log.info("UNet2DModel with %.2fM parameters on %s", count_parameters(net) / 1e6, device)
-        images, _ = load_image_split(MANIFEST, role="train")
+        log.info("UNet2DModel with %.2fM parameters on %s%s", count_parameters(net) / 1e6, device,
+                 f", conditioned on {num_classes} classes" if num_classes else "")
+        images, labels = load_image_split(MANIFEST, role="train")
         sampler = EpochSampler(len(images), t.batch_size, t.seed)
         model = EDMDenoiser(net, sig.sigma_data)
 
         def loss_fn(step, g, emas):
-            x = to_unit(images[sampler.indices(step)]).to(device)
-            return edm_loss(model, x, t.P_mean, t.P_std, sig.sigma_data, generator=g)
+            i = sampler.indices(step)
+            x = to_unit(images[i]).to(device)
+            y = labels[i].to(device) if num_classes else None
+            return edm_loss(model.with_labels(y), x, t.P_mean, t.P_std, sig.sigma_data, generator=g)
 
         cfg = TrainConfig(images=t.images, batch_size=t.batch_size, lr=t.lr, warmup_images=t.warmup_images,
                           grad_clip=t.grad_clip, ema_decays={"ema": t.ema_decay},
@@ -80,8 +93,9 @@ def main():
 
     # EMA samples with Heun on the Karras grid: a fixed seed, so grids compare across runs.
     ema.eval()
-    imgs, spi = generate(heun_sampler(ema, sig, t.grid_steps), 64, 64, (c, h, w), t.seed, device,
-                         "teacher grid")
+    count, grid_labels = preview_plan(getattr(ema, "num_classes", None))  # one row per class if conditional
+    imgs, spi = generate(heun_sampler(ema, sig, t.grid_steps, grid_labels), count, 64, (c, h, w), t.seed,
+                         device, "teacher grid")
     REPORT.mkdir(parents=True, exist_ok=True)
     save_grid(imgs, REPORT / "samples.png", nrow=8)
     log.info("wrote %s and %s (Heun, %d NFE: %.3fs/image)", OUT, REPORT / "samples.png",

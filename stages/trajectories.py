@@ -16,7 +16,7 @@ from cmpipe import params
 from cmpipe.data import load_image_split, read_manifest, sha256_file, write_shards
 from cmpipe.fileio import atomic_write_json
 from cmpipe.karras import Sigmas
-from cmpipe.networks import EDMDenoiser, load_network
+from cmpipe.teachers import load_teacher
 from cmpipe.stage import run_stage
 from cmpipe.trajectories import compute_pairs
 from cmpipe.training import pick_device
@@ -33,14 +33,16 @@ def main():
     t, sig = p.trajectories, Sigmas.from_params(p.diffusion)
     manifest = read_manifest(MANIFEST)
     device = pick_device(t.device)
-    net, ckpt = load_network(TEACHER, ("edm_teacher",))
-    teacher = EDMDenoiser(net, sig.sigma_data).to(device).eval().requires_grad_(False)
-    images, _ = load_image_split(MANIFEST, role="train")
-    log.info("caching %d pairs on the %d-point grid with the teacher on %s", t.num_pairs, sig.num_scales, device)
+    teacher = load_teacher(TEACHER, sig.sigma_data, device)
+    images, labels = load_image_split(MANIFEST, role="train")
+    conditional = teacher.num_classes is not None  # the teacher's classes are the images' labels
+    log.info("caching %d pairs on the %d-point grid with the %s teacher on %s", t.num_pairs, sig.num_scales,
+             "class-conditional" if conditional else "unconditional", device)
 
     t0 = time.perf_counter()
     shards = write_shards(OUT / "shards", compute_pairs(teacher, images, t.num_pairs, t.seed, sig,
-                                                         t.batch_size, device, t.bf16),
+                                                         t.batch_size, device, t.bf16,
+                                                         labels=labels if conditional else None),
                           maxcount=t.images_per_shard, prefix="pairs")
     seconds = time.perf_counter() - t0
     atomic_write_json(OUT / "cache.json", {

@@ -136,3 +136,26 @@ def test_ict_with_lpips_runs_and_exp_show_carries_mode_and_distance(smoke_repo):
     rows = list(csv.DictReader(io.StringIO(show)))  # list params are quoted cells with commas
     row = next(r for r in rows if r["Experiment"] == "ict-lpips")
     assert row["distill.mode"] == "ct" and row["distill.metric"] == "lpips"
+
+
+def test_class_conditional_model_reruns_from_the_teacher_with_one_row_per_class(smoke_repo):
+    repo, env, _ = smoke_repo
+    # Back to the committed params (an exp run leaves its params in the workspace).
+    run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo, env)
+    run(["dvc", "checkout", "-q"], repo, env)
+    r = run(["dvc", "exp", "run", "-S", "model.class_conditional=true", "-n", "conditional"], repo, env)
+    out = r.stdout + r.stderr
+    assert ran_stages(out) == {"teacher", "trajectories", "distill", "sample", "evaluate", "edit",
+                               "report"}, out[-3000:]
+    assert "conditioned on 10 classes" in out
+    sets = json.loads((repo / "data/samples/sets.json").read_text())
+    assert sets["cm_nfe1"]["classes"] == 10
+    import numpy as np
+    from PIL import Image
+
+    with np.load(repo / "data/samples/cm_nfe1.npz") as z:
+        assert z["labels"].shape == (len(z["images"]),) and set(z["labels"].tolist()) <= set(range(10))
+    side = 28 + 2   # image + padding, doubled by save_grid's scale
+    assert Image.open(repo / "reports/samples/cm_nfe1.png").size == (2 * (8 * side + 2), 2 * (10 * side + 2))
+    assert "one row per class" in (repo / "reports/summary.md").read_text()
+    assert all(math.isfinite(v) for v in read_metrics(repo)["fid"].values())

@@ -32,6 +32,7 @@ def test_cache_is_independent_of_batch_size_and_matches_the_formula(tmp_path):
             x_next = heun_step(T, x_n[None], grid[n], grid[n + 1])[0]
         assert torch.allclose(torch.from_numpy(ra["xnext.npy"]), x_next, atol=1e-4)
     paths = write_shards(tmp_path / "c", iter(a), maxcount=3, prefix="pairs")
-    n, xn, xnext = load_pairs(paths, (1, 8, 8))
+    n, xn, xnext, labels = load_pairs(paths, (1, 8, 8))
+    assert labels is None   # an unconditional teacher's cache
     assert len(paths) == 3 and n.tolist() == [r["cls"] for r in a]
     assert torch.equal(xn[4], torch.from_numpy(a[4]["xn.npy"]))

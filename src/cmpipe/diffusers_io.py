@@ -340,6 +340,7 @@ class DiffusersEpsTeacher(nn.Module):
                              f"outputs {c_in} (or {2 * c_in} with a learned variance)")
         self.unet = unet
         self.channels = c_in
+        self.alphas_cumprod = ac  # float64 on the CPU, not a buffer: kept exactly for saving (teachers.py)
         sig = ((1 - ac) / ac).sqrt().float()  # σ_t, t = 0..T-1, increasing
         self.register_buffer("sigmas", sig, persistent=False)
         self.register_buffer("log_sigmas", sig.double().log(), persistent=False)
@@ -361,6 +362,14 @@ class DiffusersEpsTeacher(nn.Module):
     def num_train_timesteps(self) -> int:
         return int(self.sigmas.numel())
 
+    # The label interface of networks.Preconditioned, so callers treat every teacher alike.
+    num_classes = None
+
+    def with_labels(self, class_labels):
+        if class_labels is not None:
+            raise ValueError("this DDPM ε-teacher is unconditional; it takes no class labels")
+        return self
+
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Float time steps in [0, T-1] for σ (any shape): linear in ln σ, clamped at the ends."""
         ls_tab = self.log_sigmas
@@ -371,7 +380,10 @@ class DiffusersEpsTeacher(nn.Module):
         w = ((ls - lo) / (hi - lo)).clamp(0, 1)
         return i.to(ls_tab.dtype) + w
 
-    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        # class_labels: the signature of the EDM wrappers; a DDPM teacher here is unconditional.
+        if class_labels is not None:
+            raise ValueError("this DDPM ε-teacher is unconditional; it takes no class labels")
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import assets
-from .fileio import atomic_savez, atomic_write_text
+from .fileio import atomic_savez
 
 log = logging.getLogger(__name__)
 

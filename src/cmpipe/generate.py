@@ -40,7 +40,7 @@ from .diffusers_io import (DiffusersFormatError, is_diffusers_dir, load_consiste
 from .images import save_grid, to_uint8
 from .karras import Sigmas
 from .networks import CheckpointError, ConsistencyFunction, load_network
-from .sampling import check_ts, cm_sampler, default_ts, per_sample_randn
+from .sampling import class_labels, check_ts, cm_sampler, default_ts, per_sample_randn
 from .training import pick_device
 
 log = logging.getLogger("cmpipe.generate")
@@ -137,9 +137,10 @@ def _looks_generated(path: Path) -> bool:
 
 @torch.no_grad()
 def sample_images(f, sig: Sigmas, ts: list[int], shape, *, count: int, seed: int, batch_size: int,
-                  device, desc: str = "generate"):
-    """Yield (indices, uint8 N×H×W×C) batches; exactly sampling.generate's noise and sampler."""
-    sampler = cm_sampler(f, sig, ts, seed, shape)
+                  device, desc: str = "generate", labels=None):
+    """Yield (indices, uint8 N×H×W×C) batches; exactly sampling.generate's noise and sampler
+    (and, for a class-conditional model, the classes `labels` gives each index)."""
+    sampler = cm_sampler(f, sig, ts, seed, shape, labels)
     with tqdm(total=count, desc=desc, unit="img", mininterval=2.0, file=sys.stderr) as bar:
         for start in range(0, count, batch_size):
             idx = list(range(start, min(count, start + batch_size)))
@@ -167,9 +168,15 @@ def run(model, out, *, steps: int | None = None, ts: list[int] | None = None, co
     if class_label is not None and not conditional:
         raise GenerateError(f"--class {class_label}: this model is not class-conditional "
                             f"(its UNet has no class embedding)")
-    if conditional:
-        raise GenerateError("this model is class-conditional; class-conditional sampling is not "
-                            "supported by cmpipe.generate yet")
+    num_classes = ucfg.get("num_class_embeds") if conditional else None
+    if conditional and num_classes is None:
+        raise GenerateError(f"{model}: its UNet is conditioned through class_embed_type "
+                            f"{ucfg.get('class_embed_type')!r}, which this command does not drive; "
+                            f"only num_class_embeds (a class index) is supported")
+    try:
+        labels = class_labels(num_classes, seed, class_label)
+    except ValueError as e:
+        raise GenerateError(f"--class: {e}") from None
     ts = choose_ts(sig, steps, ts, ts_map)
     dev = pick_device(device)
     f = f.to(dev)
@@ -179,7 +186,7 @@ def run(model, out, *, steps: int | None = None, ts: list[int] | None = None, co
     try:
         first = []
         for idx, images in sample_images(f, sig, ts, shape, count=count, seed=seed,
-                                         batch_size=batch_size, device=dev):
+                                         batch_size=batch_size, device=dev, labels=labels):
             for i, img in zip(idx, images):
                 (tmp / f"{i:06d}.png").write_bytes(_png_bytes(img))
             if sum(len(a) for a in first) < GRID_IMAGES:
@@ -190,6 +197,9 @@ def run(model, out, *, steps: int | None = None, ts: list[int] | None = None, co
                     "sigmas": {k: getattr(sig, k) for k in ("sigma_min", "sigma_max", "sigma_data", "rho",
                                                               "num_scales")},
                     "device": dev.type}
+        if labels is not None:
+            settings.update(num_classes=num_classes, class_label=class_label,
+                            labels=labels(range(count)).tolist())
         (tmp / "generate.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         try:
             publish_dir(tmp, out, overwrite=overwrite, replaceable=_looks_generated)

@@ -43,3 +43,13 @@ def save_grid(images_hwc: np.ndarray, path, nrow: int | None = None, scale: int 
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=6)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def class_rows(images_hwc: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 8) -> np.ndarray:
+    """The first `per_row` images of each class, one row per class (white where a class has fewer)."""
+    n, h, w, c = images_hwc.shape
+    out = np.full((num_classes * per_row, h, w, c), 255, np.uint8)
+    for k in range(num_classes):
+        picked = np.flatnonzero(labels == k)[:per_row]
+        out[k * per_row:k * per_row + len(picked)] = images_hwc[picked]
+    return out

@@ -17,8 +17,12 @@ from torch import nn
 
 
 def unet_config(block_out_channels, layers_per_block, attention_levels, dropout,
-                resolution: int, channels: int) -> dict:
-    """Keyword arguments of diffusers' UNet2DModel for params.yaml's `model` section."""
+                resolution: int, channels: int, num_classes: int | None = None) -> dict:
+    """Keyword arguments of diffusers' UNet2DModel for params.yaml's `model` section.
+
+    With `num_classes` (model.class_conditional), the label enters through a learned class
+    embedding added to the time embedding (UNet2DModel's `num_class_embeds`).
+    """
     levels = len(block_out_channels)
     if levels < 1:
         raise ValueError("model.block_out_channels must list at least one level")
@@ -30,7 +34,9 @@ def unet_config(block_out_channels, layers_per_block, attention_levels, dropout,
     if bad:
         raise ValueError(f"model.attention_levels {bad} are not levels of model.block_out_channels "
                          f"(0..{levels - 1})")
-    return dict(
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"a class-conditional model needs at least one class, got {num_classes}")
+    config = dict(
         sample_size=resolution,
         in_channels=channels,
         out_channels=channels,
@@ -44,6 +50,24 @@ def unet_config(block_out_channels, layers_per_block, attention_levels, dropout,
         dropout=dropout,
         attention_head_dim=8,
     )
+    if num_classes is not None:  # absent, not None, for unconditional models: their files stay as before
+        config["num_class_embeds"] = int(num_classes)
+    return config
+
+
+def model_num_classes(class_conditional: bool, class_names: list) -> int | None:
+    """The class count of a model to build (params model.class_conditional, the shards' classes)."""
+    if not class_conditional:
+        return None
+    if not class_names:
+        raise ValueError("model.class_conditional is true but the shards' manifest lists no classes; "
+                         "shard a labelled source or set model.class_conditional: false")
+    return len(class_names)
+
+
+def num_classes_of(unet: dict) -> int | None:
+    """The number of classes of a saved UNet configuration; None when it is unconditional."""
+    return unet.get("num_class_embeds")
 
 
 def _halvings(n: int) -> int:
@@ -84,14 +108,51 @@ class Preconditioned(nn.Module):
     def scalings(self, sigma: torch.Tensor):  # -> c_skip, c_out, c_in
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(getattr(self.net, "config", None), "num_class_embeds", None)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         sigma = sigma.reshape(-1).float()
+        check_labels(self.num_classes, class_labels, x.shape[0])
         c_skip, c_out, c_in = (c.reshape(-1, 1, 1, 1) for c in self.scalings(sigma))
-        F = self.net((c_in * x).to(x.dtype), c_noise(sigma)).sample
+        extra = {} if class_labels is None else {"class_labels": class_labels}
+        F = self.net((c_in * x).to(x.dtype), c_noise(sigma), **extra).sample
         return (c_skip * x + c_out * F.float()).to(x.dtype)
+
+    def with_labels(self, class_labels: torch.Tensor | None) -> "Labelled | Preconditioned":
+        """This model as a function of (x, sigma) alone, for the samplers and losses."""
+        return self if class_labels is None else Labelled(self, class_labels)
+
+
+def check_labels(num_classes: int | None, class_labels: torch.Tensor | None, batch: int):
+    if num_classes is None:
+        if class_labels is not None:
+            raise ValueError("class labels were given to an unconditional model (its UNet has no class "
+                             "embedding); train with model.class_conditional: true to use labels")
+        return
+    if class_labels is None:
+        raise ValueError(f"this model is class-conditional ({num_classes} classes) and needs a label "
+                         f"per image (class_labels)")
+    # Shape only: a range check here would synchronise with the GPU on every call; labels are
+    # checked where they are made (the shards' manifest, the sampler's class choice).
+    if class_labels.shape != (batch,):
+        raise ValueError(f"class_labels has shape {tuple(class_labels.shape)}; expected ({batch},), one "
+                         f"label per image")
+
+
+class Labelled:
+    """A conditional model with its labels bound: called as model(x, sigma) like an unconditional one."""
+
+    def __init__(self, model: nn.Module, class_labels: torch.Tensor):
+        self.model, self.class_labels = model, class_labels
+
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        return self.model(x, sigma, self.class_labels.to(x.device))
 
 
 class EDMDenoiser(Preconditioned):

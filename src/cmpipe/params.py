@@ -63,6 +63,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "layers_per_block": _k("int", **POS),
         "attention_levels": _k("int_list", min=0),
         "dropout": _k("float", min=0.0, max=0.9),
+        "class_conditional": _k("bool"),
     },
     "teacher": {
         "checkpoint": _k("str", nullable=True),
@@ -127,6 +128,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "search_method": _k("str", choices=("ternary", "grid")),
         "search_count": _k("int", min=2),
         "search_seed": _k("int", min=0),
+        "class_label": _k("int", min=0, nullable=True),
         "device": _k("str", choices=("auto", "cpu", "cuda")),
     },
     "edit": {

@@ -34,7 +34,9 @@ def summary_markdown(metrics: dict, sets: dict, extras: dict, grids_dir: Path, r
         if d:
             lines += [f"**{title}**: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
                                                    for k, v in sorted(d.items())), ""]
-    lines += ["## Samples (first 64 of each set)", ""]
+    classes = next((info["classes"] for info in sets.values() if info.get("classes")), None)
+    lines += [f"## Samples (one row per class, {classes} classes: the first 8 of each)" if classes
+              else "## Samples (first 64 of each set)", ""]
     for name in table["set"]:
         png = grids_dir / f"{name}.png"
         if png.exists():

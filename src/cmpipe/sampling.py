@@ -25,6 +25,47 @@ def per_sample_randn(seed: int, indices, shape, *stream: int) -> torch.Tensor:
                         for i in indices])
 
 
+# The generator stream of a sample's class label, apart from its noises (streams 0, 1, 2, ...).
+LABEL_STREAM = 1_000_003
+Labels = Callable[[list[int]], torch.Tensor]
+
+
+def class_labels(num_classes: int | None, seed: int, class_label: int | None = None) -> Labels | None:
+    """The class of each global sample index for a conditional model, None for an unconditional one.
+
+    `class_label` fixes one class for every sample; None draws each sample's class uniformly from
+    (seed, index), so a set's classes, like its noises, do not depend on the batch size.
+    """
+    if num_classes is None:
+        if class_label is not None:
+            raise ValueError(f"a class ({class_label}) was asked for, but the model is unconditional "
+                             f"(trained without model.class_conditional)")
+        return None
+    if class_label is not None:
+        if not 0 <= class_label < num_classes:
+            raise ValueError(f"class {class_label} is not one of the model's classes 0..{num_classes - 1}")
+        return lambda idx: torch.full((len(idx),), int(class_label), dtype=torch.long)
+    return lambda idx: torch.cat([torch.randint(num_classes, (1,), generator=seeded_generator(seed, int(i), LABEL_STREAM))
+                                  for i in idx])
+
+
+def class_rows(per_row: int) -> Labels:
+    """Labels for a grid with one row per class: sample i gets class i // per_row."""
+    return lambda idx: torch.tensor([int(i) // per_row for i in idx], dtype=torch.long)
+
+
+def preview_plan(num_classes: int | None, per_row: int = 8) -> tuple[int, Labels | None]:
+    """(count, labels) of a preview grid of `per_row` columns: 64 samples, or one row per class."""
+    if num_classes is None:
+        return 64, None
+    return num_classes * per_row, class_rows(per_row)
+
+
+def bind_labels(model, labels: Labels | None, idx, device):
+    """`model` as a function of (x, sigma) with the labels of samples `idx` bound, if any."""
+    return model if labels is None else model.with_labels(labels(idx).to(device))
+
+
 def default_ts(steps: int, num_scales: int) -> list[int]:
     """Evenly spaced grid indices [0, ...] for a `steps`-step sampler (when params give none)."""
     return [round(i * (num_scales - 1) / steps) for i in range(steps)]
@@ -77,22 +118,22 @@ def generate(sample_batch: Callable[[torch.Tensor, list[int]], torch.Tensor], co
     return np.concatenate(out), elapsed / count
 
 
-def cm_sampler(f, sig: Sigmas, ts: list[int], seed: int, shape):
+def cm_sampler(f, sig: Sigmas, ts: list[int], seed: int, shape, labels: Labels | None = None):
     def sample_batch(noise, idx):
-        return consistency_sample(
-            f, noise, sig, ts, lambda k: per_sample_randn(seed, idx, shape, k))
+        return consistency_sample(bind_labels(f, labels, idx, noise.device), noise, sig, ts,
+                                  lambda k: per_sample_randn(seed, idx, shape, k))
     return sample_batch
 
 
-def heun_sampler(denoise, sig: Sigmas, steps: int):
+def heun_sampler(denoise, sig: Sigmas, steps: int, labels: Labels | None = None):
     def sample_batch(noise, idx):
         with torch.no_grad():
-            return sample_heun(denoise, noise, sig, steps).clamp(-1, 1)
+            return sample_heun(bind_labels(denoise, labels, idx, noise.device), noise, sig, steps).clamp(-1, 1)
     return sample_batch
 
 
-def euler_sampler(denoise, sig: Sigmas, nfe: int):
+def euler_sampler(denoise, sig: Sigmas, nfe: int, labels: Labels | None = None):
     def sample_batch(noise, idx):
         with torch.no_grad():
-            return sample_euler(denoise, noise, sig, nfe).clamp(-1, 1)
+            return sample_euler(bind_labels(denoise, labels, idx, noise.device), noise, sig, nfe).clamp(-1, 1)
     return sample_batch

@@ -36,8 +36,12 @@ def pair_randomness(seed: int, i: int, num_images: int, num_scales: int, shape):
 @torch.inference_mode()
 def compute_pairs(teacher, images_uint8: torch.Tensor, num_pairs: int, seed: int, sig: Sigmas,
                   batch_size: int, device: torch.device, bf16: bool = False,
-                  indices: range | None = None) -> Iterator[dict]:
-    """Yield records {"__key__", "cls": n, "json": {"image"}, "xn.npy", "xnext.npy"} in pair order."""
+                  indices: range | None = None, labels: torch.Tensor | None = None) -> Iterator[dict]:
+    """Yield records {"__key__", "cls": n, "json": {"image"}, "xn.npy", "xnext.npy"} in pair order.
+
+    With `labels` (the class of each training image) the teacher is class-conditional: it is
+    given the image's class, and the class is stored in the record's json as "label".
+    """
     grid = sig.grid().float()
     shape = tuple(images_uint8.shape[1:])
     indices = indices if indices is not None else range(num_pairs)
@@ -50,17 +54,21 @@ def compute_pairs(teacher, images_uint8: torch.Tensor, num_pairs: int, seed: int
         n = torch.tensor([r[1] for r in rnd])
         z = torch.stack([r[2] for r in rnd])
         x = to_unit(images_uint8[img]).to(device)
+        y = None if labels is None else labels[img]
+        D = teacher if y is None else teacher.with_labels(y.to(device))
         with autocast:
-            x_n, x_next = teacher_heun_pair(teacher, x, z.to(device), grid[n].to(device), grid[n + 1].to(device))
+            x_n, x_next = teacher_heun_pair(D, x, z.to(device), grid[n].to(device), grid[n + 1].to(device))
         x_n, x_next = x_n.float().cpu().numpy(), x_next.float().cpu().numpy()
         for j, i in enumerate(idx):
-            yield {"__key__": f"pair_{i:09d}", "cls": int(n[j]), "json": {"image": int(img[j])},
+            info = {"image": int(img[j])} if y is None else {"image": int(img[j]), "label": int(y[j])}
+            yield {"__key__": f"pair_{i:09d}", "cls": int(n[j]), "json": info,
                    "xn.npy": x_n[j], "xnext.npy": x_next[j]}
 
 
-def load_pairs(shards: list[Path], shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Read a cache into memory: (n int64 [P], x_n float32 [P,C,H,W], x_next float32 [P,C,H,W])."""
-    ns, xn, xnext = [], [], []
+def load_pairs(shards: list[Path], shape):
+    """Read a cache into memory: (n int64 [P], x_n float32 [P,C,H,W], x_next float32 [P,C,H,W],
+    labels int64 [P] of a class-conditional teacher's cache, else None)."""
+    ns, xn, xnext, labels = [], [], [], []
     for rec in read_records(shards):
         for k in ("cls", "xn.npy", "xnext.npy"):
             if k not in rec:
@@ -72,6 +80,12 @@ def load_pairs(shards: list[Path], shape) -> tuple[torch.Tensor, torch.Tensor, t
         ns.append(rec["cls"])
         xn.append(rec["xn.npy"])
         xnext.append(rec["xnext.npy"])
+        labels.append((rec.get("json") or {}).get("label"))
     if not ns:
         raise ShardError(f"the trajectory cache {shards} holds no pairs")
-    return torch.tensor(ns), torch.from_numpy(np.stack(xn)), torch.from_numpy(np.stack(xnext))
+    labelled = [y is not None for y in labels]
+    if any(labelled) and not all(labelled):
+        raise ShardError(f"the trajectory cache {shards} mixes pairs with and without class labels; "
+                         f"rebuild it with `dvc repro trajectories`")
+    return (torch.tensor(ns), torch.from_numpy(np.stack(xn)), torch.from_numpy(np.stack(xnext)),
+            torch.tensor(labels) if all(labelled) else None)

@@ -4,6 +4,12 @@ Song et al. 2023 pick the second index of 2-step sampling by a ternary search on
 for 3 steps, keep the first two and search the third the same way. `search_ts` does that (or an
 exhaustive grid search) for any objective ts -> float, e.g. the FID of a held-out sample set;
 each ts is evaluated once (memoised), and every evaluation is returned for the reports.
+
+The greedy extension never revisits an earlier index, and the best 2-step index need not be
+the best middle index of 3 steps. So for 3 or more steps the search then starts from the better
+of the greedy ts and the ts the user gave (params), and makes one pass of coordinate descent:
+each intermediate index in turn is searched between its neighbours with the others fixed. The
+result is never worse on the objective than either starting point.
 """
 from __future__ import annotations
 
@@ -24,8 +30,10 @@ def ternary_search(objective: Callable[[int], float], lo: int, hi: int) -> int:
 
 
 def search_ts(objective: Callable[[list[int]], float], max_steps: int, num_scales: int,
-              method: str = "ternary") -> tuple[dict[int, list[int]], dict[str, float]]:
-    """ts for 2..max_steps steps, each extending the previous one by its best last index.
+              method: str = "ternary", start: dict[int, list[int]] | None = None
+              ) -> tuple[dict[int, list[int]], dict[str, float]]:
+    """ts for 2..max_steps steps, each extending the previous one by its best last index, then
+    (3 steps and more) refined by coordinate descent from the better of that and `start[steps]`.
 
     Returns ({steps: ts}, {"0,11": value, ...}: every evaluated ts).
     """
@@ -41,26 +49,37 @@ def search_ts(objective: Callable[[list[int]], float], max_steps: int, num_scale
             seen[key] = float(objective(ts))
         return seen[key]
 
+    def minimise(fn: Callable[[int], float], lo: int, hi: int) -> int:
+        if method == "grid":
+            return min(range(lo, hi + 1), key=lambda i: (fn(i), i))
+        return ternary_search(fn, lo, hi)
+
     chosen, ts = {}, [0]
     for steps in range(2, max_steps + 1):
         lo, hi = ts[-1] + 1, num_scales - 1 - (max_steps - steps)  # leave room for later steps
-        def last(i, prefix=tuple(ts)):
-            return value([*prefix, i])
-        if method == "grid":
-            best = min(range(lo, hi + 1), key=lambda i: (last(i), i))
-        else:
-            best = ternary_search(last, lo, hi)
-        ts = [*ts, best]
+        ts = [*ts, minimise(lambda i, prefix=tuple(ts): value([*prefix, i]), lo, hi)]
         chosen[steps] = ts
+    for steps in range(3, max_steps + 1):
+        best = chosen[steps]
+        given = (start or {}).get(steps)
+        if given is not None and len(given) == steps and value(list(given)) < value(best):
+            best = list(given)
+        for j in range(1, steps):  # one coordinate-descent pass over the intermediate indices
+            lo, hi = best[j - 1] + 1, (best[j + 1] - 1 if j + 1 < steps else num_scales - 1)
+            best = [*best[:j], minimise(lambda i, b=tuple(best): value([*b[:j], i, *b[j + 1:]]), lo, hi),
+                    *best[j + 1:]]
+        chosen[steps] = best
     return chosen, seen
 
 
 def search_ts_by_fid(f, sig, shape, max_steps: int, count: int, seed: int, batch_size: int, device,
-                     ref: dict, method: str = "ternary", inception=None) -> tuple[dict[int, list[int]], dict[str, float]]:
+                     ref: dict, method: str = "ternary", inception=None, start: dict | None = None,
+                     labels=None) -> tuple[dict[int, list[int]], dict[str, float]]:
     """`search_ts` on the FID of `count` samples drawn with `seed` against reference statistics.
 
     Every candidate uses the same initial noises (common random numbers), so the FIDs differ by
     the ts and not by the draw; keep `seed` apart from the evaluated sets' seed (held out).
+    `labels` gives a conditional model its classes (`sampling.class_labels`).
     """
     import logging
 
@@ -71,11 +90,11 @@ def search_ts_by_fid(f, sig, shape, max_steps: int, count: int, seed: int, batch
     model = inception if inception is not None else evaluation.build_inception(device)
 
     def fid_of(ts: list[int]) -> float:
-        images, _ = generate(cm_sampler(f, sig, ts, seed, shape), count, batch_size, shape, seed, device,
+        images, _ = generate(cm_sampler(f, sig, ts, seed, shape, labels), count, batch_size, shape, seed, device,
                              f"ts {ts}")
         feats = evaluation.inception_features(images, model=model, progress=False, desc=f"ts {ts}")
         value = evaluation.fid(feats, ref["mu"], ref["sigma"])
         log.info("ts %s: FID %.2f (%d samples)", ts, value, count)
         return value
 
-    return search_ts(fid_of, max_steps, sig.num_scales, method)
+    return search_ts(fid_of, max_steps, sig.num_scales, method, start)
