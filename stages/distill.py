@@ -159,7 +159,8 @@ def main():
     save_model(OUT, "consistency", unet,
                {"ema": emas["ema"].net.state_dict(), "target": emas["target"].net.state_dict(),
                 "model": student.net.state_dict()},
-               {"sigma_data": sig.sigma_data, "sigma_min": sig.sigma_min, "mode": d.mode,
+               {"sigma_data": sig.sigma_data, "sigma_min": sig.sigma_min, "sigma_max": sig.sigma_max,
+                "rho": sig.rho, "num_scales": sig.num_scales, "mode": d.mode,
                 "metric": d.metric, "weighting": d.weighting, "images": d.images})
     RESUME.unlink(missing_ok=True)
 

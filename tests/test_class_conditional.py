@@ -18,18 +18,14 @@ from cmpipe.karras import Sigmas, heun_step
 from cmpipe.networks import ConsistencyFunction, EDMDenoiser, load_network, model_num_classes, unet_config
 from cmpipe.sampling import class_labels, class_rows as class_row_labels, cm_sampler, consistency_sample, generate
 from cmpipe.trajectories import compute_pairs, load_pairs
+from conftest import tiny_unet
 
 RES, K = 8, 3
 SIG = Sigmas(num_scales=5)
 
 
-def tiny_net(classes=K, seed=0, channels=1):
-    torch.manual_seed(seed)
-    net = networks.build_unet(unet_config([8, 16], 1, [], 0.0, RES, channels, classes))
-    with torch.no_grad():  # away from the initialisation, so the class embedding matters
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net
+def tiny_net(classes=K, seed=0):
+    return tiny_unet(1, seed, RES, classes)[1]
 
 
 def test_unet_config_adds_a_class_embedding_only_when_asked():

@@ -24,23 +24,15 @@ from cmpipe.karras import Sigmas, heun_step
 from cmpipe.networks import CheckpointError, ConsistencyFunction, load_network
 from cmpipe.sampling import cm_sampler, consistency_sample, generate
 
+from conftest import save_ddpm_dir, tiny_unet
+
 ROOT = Path(__file__).resolve().parents[1]
 SIG = Sigmas(num_scales=5)  # a small grid: ts [0, 2] is a real 2-step sampler
 RES = 8
 
 
-def _tiny_unet(channels: int, seed: int):
-    torch.manual_seed(seed)
-    cfg = networks.unet_config([8, 16], 1, [], 0.0, RES, channels)
-    net = networks.build_unet(cfg)
-    with torch.no_grad():  # move away from the initialisation so every path matters
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return cfg, net
-
-
 def _save_cm(path: Path, channels: int, seed: int = 0) -> Path:
-    cfg, net = _tiny_unet(channels, seed)
+    cfg, net = tiny_unet(channels, seed)
     sd = net.state_dict()
     networks.save_model(path, "consistency", cfg, {"ema": sd, "model": sd, "target": sd},
                         {"sigma_data": 0.5, "sigma_min": 0.002})
@@ -206,13 +198,7 @@ def test_resolve_sigmas():
 
 @pytest.fixture(scope="module")
 def ddpm_dir(tmp_path_factory):
-    from diffusers import DDPMScheduler
-
-    d = tmp_path_factory.mktemp("ddpm") / "teacher"
-    _, net = _tiny_unet(1, seed=7)
-    net.save_pretrained(d / "unet")
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(d / "scheduler")
-    return d
+    return save_ddpm_dir(tmp_path_factory.mktemp("ddpm") / "teacher", seed=7)
 
 
 def test_teacher_equals_direct_eps_call(ddpm_dir):

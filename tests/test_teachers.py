@@ -10,30 +10,15 @@ from cmpipe.diffusers_io import DiffusersEpsTeacher
 from cmpipe.networks import CheckpointError, EDMDenoiser
 from cmpipe.params import ParamsError
 from cmpipe.teachers import adopt_diffusers_teacher, load_teacher, load_teacher_file
+from conftest import save_ddpm_dir, tiny_unet
 
 RES = 8
-
-
-def _tiny_unet(channels: int, seed: int):
-    torch.manual_seed(seed)
-    cfg = networks.unet_config([8, 16], 1, [], 0.0, RES, channels)
-    net = networks.build_unet(cfg)
-    with torch.no_grad():  # away from the initialisation, so every weight matters
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return cfg, net.eval()
 
 
 @pytest.fixture(scope="module")
 def ddpm_dir(tmp_path_factory):
     """A diffusers directory: an ε UNet2DModel (1 channel, 8x8) and a DDPMScheduler."""
-    from diffusers import DDPMScheduler
-
-    d = tmp_path_factory.mktemp("ddpm") / "teacher"
-    _, net = _tiny_unet(1, seed=3)
-    net.save_pretrained(d / "unet")
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(d / "scheduler")
-    return d
+    return save_ddpm_dir(tmp_path_factory.mktemp("ddpm") / "teacher", seed=3)
 
 
 def test_adopt_then_load_equals_direct_eps_call(ddpm_dir, tmp_path):
@@ -79,7 +64,7 @@ def test_adopt_shape_mismatch_names_teacher_checkpoint(ddpm_dir, tmp_path):
 
 
 def test_load_teacher_edm_file(tmp_path):
-    cfg, net = _tiny_unet(1, seed=5)
+    cfg, net = tiny_unet(1, seed=5)
     path = tmp_path / "edm.pt"
     networks.save_model(path, "edm_teacher", cfg, {"ema": net.state_dict(), "model": net.state_dict()},
                         {"sigma_data": 0.5})
@@ -92,7 +77,7 @@ def test_load_teacher_edm_file(tmp_path):
 
 
 def test_load_teacher_refuses_other_kinds(tmp_path):
-    cfg, net = _tiny_unet(1, seed=6)
+    cfg, net = tiny_unet(1, seed=6)
     path = tmp_path / "cm.pt"
     sd = net.state_dict()
     networks.save_model(path, "consistency", cfg, {"ema": sd, "model": sd, "target": sd},
