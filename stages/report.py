@@ -21,6 +21,9 @@ def _read(path: Path) -> dict:
 def main():
     metrics = _read(REPORTS / "metrics.json")
     sets = _read(Path("data/samples/sets.json"))
+    for name, t in _read(REPORTS / "sample_timing.json").items():
+        if name in sets:
+            sets[name]["seconds_per_image"] = t["seconds_per_image"]
     if not metrics or not sets:
         raise FileNotFoundError("reports/metrics.json or data/samples/sets.json is missing: "
                                 "run `dvc repro evaluate` first")

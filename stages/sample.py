@@ -4,8 +4,9 @@
 
 Reads params `sample` and `diffusion`; inputs data/student/model.pt and data/teacher/model.pt
 (and data/fid_ref.npz for the ts search); outputs data/samples/<set>.npz (uint8 N×H×W×C
-`images`), data/samples/sets.json (kind, NFE, ts, count, seconds per image),
-reports/samples/<set>.png (first 64 images) and reports/ts_search.json. With
+`images`, and `labels` for a class-conditional model), data/samples/sets.json (kind, NFE, ts,
+count), reports/samples/<set>.png (first 64 images, or one row per class),
+reports/ts_search.json and reports/sample_timing.json (seconds per image). With
 `sample.search_ts`, the ts of 2 and more steps come from a search on the FID of
 `search_count` held-out samples (`cmpipe.ts_search`), and every candidate's FID is reported.
 Sets: cm_nfe<k> for k in sample.steps, teacher_nfe<nfe> (Heun) for sample.teacher_heun_nfe
@@ -35,6 +36,7 @@ OUT = Path("data/samples")
 GRIDS = Path("reports/samples")
 FID_REF = Path("data/fid_ref.npz")
 SEARCH_REPORT = Path("reports/ts_search.json")
+TIMING = Path("reports/sample_timing.json")
 log = logging.getLogger("stages.sample")
 
 
@@ -107,6 +109,7 @@ def main():
     for d in (OUT, GRIDS):
         if d.exists():
             shutil.rmtree(d)
+    timing = {}
     for name, info in sets.items():
         if info["kind"] == "cm":
             sampler = cm_sampler(f, sig, info["ts"], s.seed, shape, labels)
@@ -124,9 +127,12 @@ def main():
             atomic_savez(OUT / f"{name}.npz", images=images, labels=y)
             save_grid(class_rows(images, y, num_classes), GRIDS / f"{name}.png", nrow=8)
             info.update(classes=num_classes, class_label=s.class_label)
-        info.update(count=s.count, seconds_per_image=spi, device=device.type)
+        info.update(count=s.count, device=device.type)
+        timing[name] = {"seconds_per_image": spi, "device": device.type}
         log.info("%s: %d images, %.4f s/image", name, s.count, spi)
+    # Wall-clock times apart from the sets, so that data/samples is the same for the same inputs.
     atomic_write_json(OUT / "sets.json", sets)
+    atomic_write_json(TIMING, timing)
     atomic_write_json(SEARCH_REPORT, search)
 
 

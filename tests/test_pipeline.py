@@ -159,3 +159,117 @@ def test_class_conditional_model_reruns_from_the_teacher_with_one_row_per_class(
     assert Image.open(repo / "reports/samples/cm_nfe1.png").size == (2 * (8 * side + 2), 2 * (10 * side + 2))
     assert "one row per class" in (repo / "reports/summary.md").read_text()
     assert all(math.isfinite(v) for v in read_metrics(repo)["fid"].values())
+
+
+def _reset(repo, env):
+    """Back to the committed params and outputs (an exp run leaves its params in the workspace)."""
+    run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo, env)
+    run(["dvc", "checkout", "-q", "-f"], repo, env)
+
+
+def _set_params(repo: Path, **changes):
+    import yaml
+
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in changes.items():
+        section, name = key.split("__")
+        p[section][name] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def _weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["weights"]
+
+
+@pytest.mark.parametrize("stage,out", [("teacher", "data/teacher/model.pt"), ("distill", "data/student/model.pt")])
+def test_kill_9_mid_run_then_repro_resumes_from_the_checkpoint(smoke_repo, stage, out):
+    import signal
+    import time
+
+    import torch
+
+    repo, env, _ = smoke_repo
+    _reset(repo, env)
+    _set_params(repo, **{f"{stage}__images": 2048, f"{stage}__checkpoint_every": 256})  # 64 steps, 8 per checkpoint
+    run(["dvc", "repro", "-s", "teacher", "trajectories"] if stage == "distill" else ["dvc", "repro", "-s", "shard"],
+        repo, env)
+    resume = repo / "data/.resume" / f"{stage}.pt"
+    proc = subprocess.Popen(["dvc", "repro", "-s", stage], cwd=repo, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not resume.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert resume.exists(), f"{stage} wrote no checkpoint before it ended"
+    os.killpg(proc.pid, signal.SIGKILL)   # dvc and the stage: as a crash would
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    r = run(["dvc", "repro", "-s", stage], repo, env)
+    m = re.search(rf"{stage}: resuming from data/.resume/{stage}.pt at step (\d+)/64", r.stdout + r.stderr)
+    assert m and 8 <= int(m.group(1)) < 64, (r.stdout + r.stderr)[-3000:]
+    assert not resume.exists()            # removed once the model is saved
+    resumed = _weights(repo / out)
+
+    run(["dvc", "repro", "-s", "-f", stage], repo, env)   # the same budget, uninterrupted
+    straight = _weights(repo / out)
+    for which in straight:
+        for k in straight[which]:
+            assert torch.equal(resumed[which][k], straight[which][k]), (which, k)
+    _reset(repo, env)
+
+
+# Outputs that hold wall-clock measurements (throughput curves, seconds per image); every other
+# output of two fresh runs must hash the same.
+TIMED_OUTPUTS = {"reports/teacher", "reports/distill", "reports/trajectories.json", "reports/sample_timing.json",
+                 "reports/summary.md"}
+
+
+def _output_hashes(lock_text: str) -> dict:
+    import yaml
+
+    lock = yaml.safe_load(lock_text)
+    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
+
+
+def test_two_fresh_runs_give_identical_outputs(smoke_repo, tmp_path):
+    repo, env, _ = smoke_repo
+    first = _output_hashes(run(["git", "show", "HEAD:dvc.lock"], repo, env).stdout)
+    second_repo = tmp_path / "again"
+    for f in project_files():
+        (second_repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, second_repo / f)
+    shutil.copy2(ROOT / "params-smoke.yaml", second_repo / "params.yaml")
+    env2 = dict(env, PYTHONPATH=str(second_repo / "src"))
+    run(["git", "init", "-q"], second_repo, env2)
+    run(["dvc", "repro"], second_repo, env2)
+    second = _output_hashes((second_repo / "dvc.lock").read_text())
+    assert set(first) == set(second) and TIMED_OUTPUTS < set(first)
+    differ = {p for p in first if first[p] != second[p]}
+    assert differ <= TIMED_OUTPUTS, differ
+    assert (json.loads((second_repo / "reports/metrics.json").read_text())
+            == json.loads(run(["git", "show", "HEAD:reports/metrics.json"], repo, env).stdout))
+
+
+def test_two_queued_experiments_run_in_parallel_and_show_up(smoke_repo):
+    import time
+
+    repo, env, _ = smoke_repo
+    _reset(repo, env)
+    for name, lr in (("queued-a", "0.0004"), ("queued-b", "0.0005")):
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"distill.lr={lr}"], repo, env)
+    run(["dvc", "queue", "start", "-j", "2"], repo, env)
+    deadline, status = time.time() + 900, ""
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], repo, env).stdout
+        done = [line for line in status.splitlines() if line.split()[-1:] in (["Success"], ["Failed"])]
+        if len(done) >= 2:
+            break
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
+    rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(show))}
+    assert rows["queued-a"]["distill.lr"] == "0.0004" and rows["queued-b"]["distill.lr"] == "0.0005"
+    for name in ("queued-a", "queued-b"):
+        assert math.isfinite(float(rows[name]["fid.cm_nfe1"]))

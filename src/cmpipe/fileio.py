@@ -1,9 +1,11 @@
 """Atomic writes: a crash or a kill never leaves a half-written output behind."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +18,29 @@ def _tmp_beside(path: Path) -> Path:
     return Path(tmp)
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is
+    removed and `path` is left as it was. A full disk is reported as such, naming the file."""
     path = Path(path)
     tmp = _tmp_beside(path)
     try:
-        tmp.write_bytes(data)
+        yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left on the disk while writing {path}; nothing was "
+                                   f"replaced (the previous file, if any, is intact): free space under "
+                                   f"{path.parent} and run the stage again") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -36,12 +52,6 @@ def atomic_write_json(path, obj) -> Path:
 
 
 def atomic_savez(path, **arrays) -> Path:
-    path = Path(path)
-    tmp = _tmp_beside(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +107,12 @@ class TrainConfig:
 
 
 def atomic_save(obj, path: Path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temporary file: a kill or a full disk mid-write leaves the previous
+    checkpoint usable and no partial file."""
+    from .fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _state_of(module: nn.Module) -> dict:
