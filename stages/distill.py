@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from cmpipe import params
+from cmpipe import distributed, params
+from cmpipe.accel import Accel, resident
 from cmpipe.consistency_training import CTSchedule, ct_loss, sample_pair_indices
 from cmpipe.data import ShardError, load_image_split, read_manifest
 from cmpipe.distillation import cd_loss, student_from_teacher
@@ -32,7 +33,7 @@ from cmpipe.sampling import cm_sampler, generate, preview_plan
 from cmpipe.stage import run_stage
 from cmpipe.teachers import load_teacher_file
 from cmpipe.trajectories import load_pairs
-from cmpipe.training import EpochSampler, TrainConfig, ema_update, fingerprint_of, pick_device, train
+from cmpipe.training import EpochSampler, TrainConfig, ema_update, fingerprint_of, train
 
 MANIFEST = Path("data/shards/manifest.json")
 TEACHER = Path("data/teacher/model.pt")
@@ -63,7 +64,7 @@ def build_metric(d, device):
     return load_lpips(d.lpips_net, resize=d.lpips_resize, device=device)
 
 
-def cd_setup(d, sig: Sigmas, model_params, device, metric):
+def cd_setup(d, sig: Sigmas, model_params, device, metric, part: slice | None = None):
     """Student from the teacher's EMA, batches of cached teacher pairs: (student, unet, loss, inputs)."""
     if not (CACHE / "cache.json").exists():
         raise ShardError(f"{CACHE / 'cache.json'} not found: run `dvc repro trajectories` first")
@@ -82,21 +83,25 @@ def cd_setup(d, sig: Sigmas, model_params, device, metric):
     if (y_all is None) != (teacher_classes is None):
         raise ShardError(f"the trajectory cache {CACHE} and the teacher {TEACHER} disagree on class labels; "
                          f"rebuild the cache with `dvc repro trajectories`")
+    n_all, xn_all, xnext_all = (resident(t, device) for t in (n_all, xn_all, xnext_all))
     log.info("cd: %d cached pairs, the student starts from the teacher's EMA", len(n_all))
     student = student_from_teacher(net, sig).to(device)
     sampler = EpochSampler(len(n_all), d.batch_size, d.seed)
 
     def loss_at(step, g, target):
-        i = sampler.indices(step)
+        i = sampler.indices(step)  # the global batch; under torchrun this rank keeps `part`
+        i = i if part is None else i[part]
         y = None if y_all is None else y_all[i].to(device)
-        return cd_loss(student.with_labels(y), target.with_labels(y), n_all[i].to(device), xn_all[i].to(device),
-                       xnext_all[i].to(device), sig, metric, d.huber_c, d.weighting)
+        j = i.to(xn_all.device)
+        return cd_loss(student.with_labels(y), target.with_labels(y), n_all[j].to(device, non_blocking=True),
+                       xn_all[j].to(device, non_blocking=True), xnext_all[j].to(device, non_blocking=True),
+                       sig, metric, d.huber_c, d.weighting)
 
     inputs = [[s["sha256"] for s in cache["shards"]], cache["teacher_sha256"]]
     return student, ckpt["unet"], loss_at, inputs
 
 
-def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric):
+def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric, part: slice | None = None):
     """Student from random weights, batches of training images: (student, unet, loss, inputs)."""
     manifest = read_manifest(MANIFEST)
     c, h, _ = manifest["shape"]
@@ -115,9 +120,11 @@ def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric):
         sigmas = sig.grid(sched.N(step))
         i = sampler.indices(step)
         x = to_unit(images[i])
-        y = labels[i].to(device) if num_classes else None
-        z = torch.randn(x.shape, generator=g)
+        z = torch.randn(x.shape, generator=g)  # drawn for the global batch, whatever the world size
         n = sample_pair_indices(sigmas, len(x), g, d.ct_index, d.ict_P_mean, d.ict_P_std)
+        if part is not None:
+            i, x, z, n = i[part], x[part], z[part], n[part]
+        y = labels[i].to(device) if num_classes else None
         return ct_loss(student.with_labels(y), target.with_labels(y), x.to(device), z.to(device), n, sigmas,
                        metric, d.huber_c, d.weighting)
 
@@ -126,21 +133,25 @@ def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric):
 
 
 def main():
-    p = params.load_many("distill", "diffusion", "model")
+    p = params.load_many("distill", "diffusion", "model", "accel")
     d, sig = p.distill, Sigmas.from_params(p.diffusion)
     check_switches(d)
-    device = pick_device("auto")
+    dist = distributed.init()
+    device = dist.device("auto")
+    part = dist.part(d.batch_size) if dist.enabled else None  # checks the split before any work
+    accel = Accel.from_params(p.accel, device)
+    accel.configure()
     metric = build_metric(d, device)
     cfg = TrainConfig(images=d.images, batch_size=d.batch_size, lr=d.lr, warmup_images=d.warmup_images,
                       grad_clip=d.grad_clip, ema_decays={"ema": d.ema_decay},
                       checkpoint_every=d.checkpoint_every, log_every=d.log_every, seed=d.seed,
-                      name="distill")
+                      name="distill", optimizer=d.optimizer)
     sched = CTSchedule.from_params(d, cfg.steps)
     if d.mode == "cd":
-        student, unet, loss_at, inputs = cd_setup(d, sig, p.model, device, metric)
+        student, unet, loss_at, inputs = cd_setup(d, sig, p.model, device, metric, part)
     else:
-        student, unet, loss_at, inputs = ct_setup(d, sig, p.model, sched, device, metric)
-    if REPORT.exists():
+        student, unet, loss_at, inputs = ct_setup(d, sig, p.model, sched, device, metric, part)
+    if REPORT.exists() and dist.is_main:
         shutil.rmtree(REPORT)
 
     def loss_fn(step, g, emas):
@@ -154,8 +165,11 @@ def main():
              d.mu if d.mu_schedule == "fixed" else "mu(k)")
     target = copy.deepcopy(student).requires_grad_(False)
     fp = fingerprint_of(vars(d), vars(p.diffusion), vars(p.model), inputs)
-    emas = train(student, loss_fn, cfg, RESUME, REPORT, fp, device, emas={"target": target})
+    emas = train(student, loss_fn, cfg, RESUME, REPORT, fp, device, emas={"target": target}, dist=dist,
+                 accel=accel)
     ema_update(emas["target"], student, sched.mu_at(cfg.steps - 1))  # the update after the last step
+    if not dist.is_main:  # rank 0 alone writes the model and the grid
+        return
     save_model(OUT, "consistency", unet,
                {"ema": emas["ema"].net.state_dict(), "target": emas["target"].net.state_dict(),
                 "model": student.net.state_dict()},

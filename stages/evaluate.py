@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmpipe import assets, evaluation, params
+from cmpipe import assets, distributed, evaluation, params
 from cmpipe.fileio import atomic_write_text
 
 REF = Path("data/fid_ref.npz")
@@ -84,6 +84,20 @@ def load_set(name: str, info: dict, shape_hwc: tuple[int, int, int]) -> np.ndarr
     return images
 
 
+def set_features(images: np.ndarray, batch_size: int, model, name: str, dist) -> np.ndarray | None:
+    """Inception features of a set; under torchrun batch b on rank b mod W, all of them on rank 0
+    (None elsewhere), in the same batches as one process."""
+    if not dist.enabled:
+        return evaluation.inception_features(images, batch_size=batch_size, model=model, desc=f"evaluate {name}")
+    starts = range(0, len(images), batch_size)
+    parts = distributed.gather_in_order(
+        dist, len(starts), lambda b: evaluation.inception_features(
+            images[starts[b]:starts[b] + batch_size], batch_size=batch_size, model=model, progress=False,
+            desc=f"evaluate {name} batch {b}"), REF, "evaluate")
+    feats = list(parts)
+    return np.concatenate(feats) if dist.is_main else None
+
+
 def plot_rows(sets: dict, fids: dict, kids: dict) -> str:
     """CSV text of the FID-vs-NFE plot, one row per set, ordered by kind then NFE."""
     buf = io.StringIO()
@@ -122,12 +136,14 @@ def main() -> None:
             log.warning("Inception file differs from the one of %s (%s, %s vs %s, %s)", REF,
                         inception["origin"], inception["sha1"][:12], proto["inception"]["origin"],
                         proto["inception"]["sha1"][:12])
-        model = evaluation.build_inception(evaluation.default_device())
+        dist = distributed.init()
+        model = evaluation.build_inception(dist.device(evaluation.default_device()))
         n_ref = len(ref["features"])
         fids, kids, counts, subset_sizes = {}, {}, {}, {}
         for name, imgs in images.items():
-            feats = evaluation.inception_features(imgs, batch_size=p.batch_size, model=model,
-                                                  desc=f"evaluate {name}")
+            feats = set_features(imgs, p.batch_size, model, name, dist)
+            if not dist.is_main:
+                continue
             try:
                 fids[name] = evaluation.fid(feats, ref["mu"], ref["sigma"])
             except ValueError as e:
@@ -154,12 +170,16 @@ def main() -> None:
                 "device": model.device.type,
             },
         }
+        if not dist.is_main:  # rank 0 alone writes the metrics
+            return
         atomic_write_text(PLOT, plot_rows(sets, fids, kids))
         atomic_write_text(METRICS, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
         log.info("wrote %s and %s", METRICS, PLOT)
     except (params.ParamsError, EvaluateError, FileNotFoundError, assets.MissingAssetError) as e:
         # A user-facing problem (params, missing or inconsistent inputs): its message says what to fix.
         raise SystemExit(f"evaluate: {e}")
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from cmpipe import evaluation, params
+from cmpipe import distributed, evaluation, params
 from cmpipe.fileio import atomic_savez, atomic_write_json
 from cmpipe.images import class_rows, save_grid
 from cmpipe.karras import Sigmas, heun_nfe_to_steps
@@ -27,7 +27,6 @@ from cmpipe.sampling import (check_ts, class_labels, cm_sampler, default_ts, eul
                              heun_sampler)
 from cmpipe.stage import run_stage
 from cmpipe.teachers import load_teacher
-from cmpipe.training import pick_device
 from cmpipe.ts_search import search_ts_by_fid
 
 STUDENT = Path("data/student/model.pt")
@@ -65,7 +64,8 @@ def main():
     p = params.load_many("sample", "diffusion")
     s, sig = p.sample, Sigmas.from_params(p.diffusion)
     sets = plan_sets(s, sig)
-    device = pick_device(s.device)
+    dist = distributed.init(s.device)
+    device = dist.device(s.device)
     student_net, ckpt = load_network(STUDENT, ("consistency",), which="ema")
     f = ConsistencyFunction(student_net, sig.sigma_data, sig.sigma_min).to(device).eval()
     D = load_teacher(TEACHER, sig.sigma_data, device)
@@ -96,7 +96,8 @@ def main():
         start = {k: s.ts.get(k, default_ts(k, sig.num_scales)) for k in range(2, search_steps + 1)}
         chosen, fids = search_ts_by_fid(f, sig, shape, search_steps, s.search_count, s.search_seed,
                                         s.batch_size, device, ref, s.search_method, start=start,
-                                        labels=class_labels(num_classes, s.search_seed, s.class_label))
+                                        labels=class_labels(num_classes, s.search_seed, s.class_label),
+                                        dist=dist)
         for k, ts in chosen.items():
             if f"cm_nfe{k}" in sets:
                 sets[f"cm_nfe{k}"]["ts"] = ts
@@ -107,7 +108,7 @@ def main():
         log.info("searched ts: %s", chosen)
 
     for d in (OUT, GRIDS):
-        if d.exists():
+        if d.exists() and dist.is_main:
             shutil.rmtree(d)
     timing = {}
     for name, info in sets.items():
@@ -118,7 +119,9 @@ def main():
             sampler = heun_sampler(D, sig, info["steps"], labels)
         else:
             sampler = euler_sampler(D, sig, info["nfe"], labels)
-        images, spi = generate(sampler, s.count, s.batch_size, shape, s.seed, device, name)
+        images, spi = generate(sampler, s.count, s.batch_size, shape, s.seed, device, name, dist=dist)
+        if not dist.is_main:  # its batches went to rank 0, which writes the set
+            continue
         if labels is None:
             atomic_savez(OUT / f"{name}.npz", images=images)
             save_grid(images[:64], GRIDS / f"{name}.png", nrow=8)
@@ -131,9 +134,10 @@ def main():
         timing[name] = {"seconds_per_image": spi, "device": device.type}
         log.info("%s: %d images, %.4f s/image", name, s.count, spi)
     # Wall-clock times apart from the sets, so that data/samples is the same for the same inputs.
-    atomic_write_json(OUT / "sets.json", sets)
-    atomic_write_json(TIMING, timing)
-    atomic_write_json(SEARCH_REPORT, search)
+    if dist.is_main:
+        atomic_write_json(OUT / "sets.json", sets)
+        atomic_write_json(TIMING, timing)
+        atomic_write_json(SEARCH_REPORT, search)
 
 
 if __name__ == "__main__":

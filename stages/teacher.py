@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from cmpipe import params
+from cmpipe import distributed, params
+from cmpipe.accel import Accel, resident
 from cmpipe.data import load_image_split, read_manifest
 from cmpipe.diffusers_io import is_diffusers_dir
 from cmpipe.images import save_grid, to_unit
@@ -26,7 +27,7 @@ from cmpipe.networks import (EDMDenoiser, build_unet, count_parameters, load_net
 from cmpipe.sampling import generate, heun_sampler, preview_plan
 from cmpipe.stage import run_stage
 from cmpipe.teachers import adopt_diffusers_teacher, load_teacher
-from cmpipe.training import EpochSampler, TrainConfig, fingerprint_of, pick_device, train
+from cmpipe.training import EpochSampler, TrainConfig, fingerprint_of, train
 
 MANIFEST = Path("data/shards/manifest.json")
 OUT = Path("data/teacher/model.pt")
@@ -36,12 +37,19 @@ log = logging.getLogger("stages.teacher")
 
 
 def main():
-    p = params.load_many("model", "teacher", "diffusion")
+    p = params.load_many("model", "teacher", "diffusion", "accel")
     t, sig = p.teacher, Sigmas.from_params(p.diffusion)
     manifest = read_manifest(MANIFEST)
     c, h, w = manifest["shape"]
-    device = pick_device("auto")
-    if REPORT.exists():
+    dist = distributed.init()
+    device = dist.device("auto")
+    if t.checkpoint and dist.enabled:
+        raise params.ParamsError("teacher.checkpoint adopts a teacher and trains nothing: run it with "
+                                 "dist.nproc_per_node = 1 and dist.nnodes = 1")
+    part = dist.part(t.batch_size) if dist.enabled else None  # checks the split before any work
+    accel = Accel.from_params(p.accel, device)
+    accel.configure()
+    if REPORT.exists() and dist.is_main:
         shutil.rmtree(REPORT)
 
     if t.checkpoint and is_diffusers_dir(t.checkpoint):
@@ -70,23 +78,26 @@ def main():
         log.info("UNet2DModel with %.2fM parameters on %s%s", count_parameters(net) / 1e6, device,
                  f", conditioned on {num_classes} classes" if num_classes else "")
         images, labels = load_image_split(MANIFEST, role="train")
+        images, labels = resident(images, device), resident(labels, device)
         sampler = EpochSampler(len(images), t.batch_size, t.seed)
         model = EDMDenoiser(net, sig.sigma_data)
 
         def loss_fn(step, g, emas):
-            i = sampler.indices(step)
-            x = to_unit(images[i]).to(device)
-            y = labels[i].to(device) if num_classes else None
-            return edm_loss(model.with_labels(y), x, t.P_mean, t.P_std, sig.sigma_data, generator=g)
+            i = sampler.indices(step)  # the global batch; under torchrun this rank keeps `part`
+            x = to_unit(images[i.to(images.device)]).to(device, non_blocking=True)
+            y = labels[(i if part is None else i[part]).to(labels.device)].to(device) if num_classes else None
+            return edm_loss(model.with_labels(y), x, t.P_mean, t.P_std, sig.sigma_data, generator=g, part=part)
 
         cfg = TrainConfig(images=t.images, batch_size=t.batch_size, lr=t.lr, warmup_images=t.warmup_images,
                           grad_clip=t.grad_clip, ema_decays={"ema": t.ema_decay},
                           checkpoint_every=t.checkpoint_every, log_every=t.log_every, seed=t.seed,
-                          name="teacher")
+                          name="teacher", optimizer=t.optimizer)
         fp = fingerprint_of(vars(p.model), vars(t), sig.sigma_data,
                             [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]])
-        emas = train(model, loss_fn, cfg, RESUME, REPORT, fp, device)
+        emas = train(model, loss_fn, cfg, RESUME, REPORT, fp, device, dist=dist, accel=accel)
         ema = emas["ema"]
+        if not dist.is_main:  # rank 0 alone writes the model and the grid
+            return
         save_model(OUT, "edm_teacher", cfg_unet, {"ema": ema.net.state_dict(), "model": net.state_dict()},
                    {"sigma_data": sig.sigma_data, "images": t.images, "seed": t.seed})
         RESUME.unlink(missing_ok=True)

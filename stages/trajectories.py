@@ -8,18 +8,18 @@ cache.json) and reports/trajectories.json (pairs per second).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from pathlib import Path
 
-from cmpipe import params
+from cmpipe import distributed, params
 from cmpipe.data import load_image_split, read_manifest, sha256_file, write_shards
 from cmpipe.fileio import atomic_write_json
 from cmpipe.karras import Sigmas
 from cmpipe.teachers import load_teacher
 from cmpipe.stage import run_stage
 from cmpipe.trajectories import compute_pairs
-from cmpipe.training import pick_device
 
 MANIFEST = Path("data/shards/manifest.json")
 TEACHER = Path("data/teacher/model.pt")
@@ -32,7 +32,8 @@ def main():
     p = params.load_many("trajectories", "diffusion")
     t, sig = p.trajectories, Sigmas.from_params(p.diffusion)
     manifest = read_manifest(MANIFEST)
-    device = pick_device(t.device)
+    dist = distributed.init(t.device)
+    device = dist.device(t.device)
     teacher = load_teacher(TEACHER, sig.sigma_data, device)
     images, labels = load_image_split(MANIFEST, role="train")
     conditional = teacher.num_classes is not None  # the teacher's classes are the images' labels
@@ -40,10 +41,12 @@ def main():
              "class-conditional" if conditional else "unconditional", device)
 
     t0 = time.perf_counter()
-    shards = write_shards(OUT / "shards", compute_pairs(teacher, images, t.num_pairs, t.seed, sig,
-                                                         t.batch_size, device, t.bf16,
-                                                         labels=labels if conditional else None),
-                          maxcount=t.images_per_shard, prefix="pairs")
+    pairs = compute_pairs(teacher, images, t.num_pairs, t.seed, sig, t.batch_size, device, t.bf16,
+                          labels=labels if conditional else None, dist=dist, parts_dir=OUT)
+    if not dist.is_main:  # its batches went to rank 0, which writes the cache
+        collections.deque(pairs, maxlen=0)
+        return
+    shards = write_shards(OUT / "shards", pairs, maxcount=t.images_per_shard, prefix="pairs")
     seconds = time.perf_counter() - t0
     atomic_write_json(OUT / "cache.json", {
         "count": t.num_pairs, "shape": manifest["shape"], "num_scales": sig.num_scales,
@@ -52,7 +55,7 @@ def main():
         "shards": [{"path": str(s), "sha256": sha256_file(s)} for s in shards]})
     atomic_write_json(REPORT, {"pairs": t.num_pairs, "seconds": round(seconds, 2),
                                "pairs_per_sec": round(t.num_pairs / seconds, 2), "device": device.type,
-                               "bf16": bool(t.bf16 and device.type == "cuda")})
+                               "bf16": bool(t.bf16 and device.type == "cuda"), "processes": dist.world})
     log.info("%d pairs in %.1fs: %.1f pairs/s", t.num_pairs, seconds, t.num_pairs / seconds)
 
 

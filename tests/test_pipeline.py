@@ -243,6 +243,8 @@ def test_two_fresh_runs_give_identical_outputs(smoke_repo, tmp_path):
     shutil.copy2(ROOT / "params-smoke.yaml", second_repo / "params.yaml")
     env2 = dict(env, PYTHONPATH=str(second_repo / "src"))
     run(["git", "init", "-q"], second_repo, env2)
+    run(GIT + ["add", "-A"], second_repo, env2)
+    run(GIT + ["commit", "-qm", "smoke again"], second_repo, env2)
     run(["dvc", "repro"], second_repo, env2)
     second = _output_hashes((second_repo / "dvc.lock").read_text())
     assert set(first) == set(second) and TIMED_OUTPUTS < set(first)
@@ -273,3 +275,23 @@ def test_two_queued_experiments_run_in_parallel_and_show_up(smoke_repo):
     assert rows["queued-a"]["distill.lr"] == "0.0004" and rows["queued-b"]["distill.lr"] == "0.0005"
     for name in ("queued-a", "queued-b"):
         assert math.isfinite(float(rows[name]["fid.cm_nfe1"]))
+
+
+def test_torchrun_with_two_processes_gives_the_one_process_cache_and_trains(smoke_repo):
+    repo, env, _ = smoke_repo
+    _reset(repo, env)
+    before = json.loads((repo / "data/trajectories/cache.json").read_text())
+    _set_params(repo, dist__nproc_per_node=2)
+    r = run([sys.executable, "-m", "cmpipe.launch", "stages.trajectories"], repo, env)
+    assert "torch.distributed.run --nproc_per_node=2" in r.stderr
+    after = json.loads((repo / "data/trajectories/cache.json").read_text())
+    assert [s["sha256"] for s in after["shards"]] == [s["sha256"] for s in before["shards"]]
+    assert json.loads((repo / "reports/trajectories.json").read_text())["processes"] == 2
+    # distill (DDP, gloo) and sample (item-parallel) through dvc, as a user would run them
+    r = run(["dvc", "repro", "-s", "distill", "sample"], repo, env)
+    out = r.stdout + r.stderr
+    assert "torch.distributed.run --nproc_per_node=2" in out and ran_stages(out) == {"distill", "sample"}
+    with __import__("numpy").load(repo / "data/samples/cm_nfe1.npz") as z:
+        assert z["images"].shape[0] == json.loads((repo / "data/samples/sets.json").read_text())["cm_nfe1"]["count"]
+    assert not list((repo / "data").glob(".*parts*"))   # the ranks' temporary parts are gone
+    _reset(repo, env)

@@ -13,15 +13,22 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def edm_loss(denoiser, x: torch.Tensor, P_mean: float, P_std: float, sigma_data: float,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, part: slice | None = None) -> torch.Tensor:
     """EDM (Karras et al. 2022, eq. 2 + Table 1): ln sigma ~ N(P_mean, P_std^2),
-    weight lambda = (sigma^2 + sd^2) / (sigma sd)^2, loss = lambda ||D(x + sigma n; sigma) - x||^2."""
+    weight lambda = (sigma^2 + sd^2) / (sigma sd)^2, loss = lambda ||D(x + sigma n; sigma) - x||^2.
+
+    x is the global batch; with `part` (a rank's rows under DDP) the noise is drawn for the
+    global batch and the loss is the mean over the part's rows only.
+    """
     b = x.shape[0]
     # Drawn on the CPU (where the training loop's seeded generator lives), then moved: the
     # same noise on every device.
-    rnd = torch.randn(b, generator=generator).to(x.device)
-    sigma = (rnd * P_std + P_mean).exp()
-    noise = torch.randn(x.shape, generator=generator).to(x.device) * sigma.reshape(-1, 1, 1, 1)
+    rnd = torch.randn(b, generator=generator)
+    noise = torch.randn(x.shape, generator=generator)
+    if part is not None:
+        x, rnd, noise = x[part], rnd[part], noise[part]
+    sigma = (rnd * P_std + P_mean).exp().to(x.device)
+    noise = noise.to(x.device) * sigma.reshape(-1, 1, 1, 1)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     D = denoiser(x + noise, sigma)
     return (weight * mean_flat((D - x) ** 2)).mean()

@@ -8,6 +8,7 @@ directly comparable).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from .images import to_uint8
 from .karras import Sigmas, sample_euler, sample_heun
+from .distributed import SINGLE, Dist, gather_in_order
 from .training import seeded_generator
 
 
@@ -101,11 +103,21 @@ def consistency_sample(f, noise: torch.Tensor, sig: Sigmas, ts: list[int],
 
 
 def generate(sample_batch: Callable[[torch.Tensor, list[int]], torch.Tensor], count: int,
-             batch_size: int, shape, seed: int, device, desc: str) -> tuple[np.ndarray, float]:
-    """Run `sample_batch(noise, indices)` over `count` samples; return uint8 N×H×W×C and s/image."""
-    out, elapsed = [], 0.0
-    for start in tqdm(range(0, count, batch_size), desc=desc, unit="batch", mininterval=2.0):
-        idx = list(range(start, min(count, start + batch_size)))
+             batch_size: int, shape, seed: int, device, desc: str, dist: Dist = SINGLE,
+             parts_dir: Path | None = None) -> tuple[np.ndarray | None, float]:
+    """Run `sample_batch(noise, indices)` over `count` samples; return uint8 N×H×W×C and s/image.
+
+    Under torchrun (`dist`) batch b runs on rank b mod W and rank 0 returns all the images in
+    order (the others return None); seconds per image are this rank's.
+    """
+    starts = list(range(0, count, batch_size))
+    mine = dist.my_batches(len(starts))
+    bar = tqdm(total=len(mine), desc=desc, unit="batch", mininterval=2.0)
+    elapsed = 0.0
+
+    def compute(b):
+        nonlocal elapsed
+        idx = list(range(starts[b], min(count, starts[b] + batch_size)))
         noise = per_sample_randn(seed, idx, shape).to(device)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -114,8 +126,13 @@ def generate(sample_batch: Callable[[torch.Tensor, list[int]], torch.Tensor], co
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - t0
-        out.append(to_uint8(x))
-    return np.concatenate(out), elapsed / count
+        bar.update()
+        return to_uint8(x)
+
+    out = list(gather_in_order(dist, len(starts), compute, parts_dir or Path("data/samples"), "samples"))
+    bar.close()
+    done = sum(min(count, starts[b] + batch_size) - starts[b] for b in mine)
+    return (np.concatenate(out) if dist.is_main else None), elapsed / max(done, 1)
 
 
 def cm_sampler(f, sig: Sigmas, ts: list[int], seed: int, shape, labels: Labels | None = None):

@@ -33,8 +33,12 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     fast_cpu_defaults()
     log = logging.getLogger(f"stages.{name}")
     t0 = time.perf_counter()
+    from . import distributed
+
     try:
         main()
     except user_errors() as e:
         raise SystemExit(f"{name}: {e}")
+    finally:
+        distributed.shutdown()
     log.info("stage %s finished in %.1fs", name, time.perf_counter() - t0)

@@ -24,6 +24,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .accel import PLAIN, Accel, uncompiled
+from .distributed import SINGLE, Dist, all_reduce_mean, barrier, plain_state_dict, unwrap_ddp, wrap_ddp
+
 log = logging.getLogger(__name__)
 
 
@@ -94,6 +97,7 @@ class TrainConfig:
     log_every: int
     seed: int
     name: str = "train"
+    optimizer: str = "adam"  # adam | radam (Song et al. 2023 train CD and CT with RAdam)
 
     @property
     def steps(self) -> int:
@@ -111,12 +115,14 @@ def atomic_save(obj, path: Path):
     checkpoint usable and no partial file."""
     from .fileio import atomic_path
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # Through a file object: given a path, torch.save names the archive inside the file
+        # after it, and the temporary name would make equal checkpoints differ byte-wise.
+        torch.save(obj, f)
 
 
 def _state_of(module: nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in plain_state_dict(module).items()}
 
 
 LossFn = Callable[[int, torch.Generator, dict], torch.Tensor]
@@ -124,18 +130,25 @@ LossFn = Callable[[int, torch.Generator, dict], torch.Tensor]
 
 def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path,
           live_dir: Path | None, fingerprint: str, device: torch.device,
-          emas: dict | None = None) -> dict:
+          emas: dict | None = None, dist: Dist = SINGLE, accel: Accel = PLAIN) -> dict:
     """Run `cfg.steps` optimizer steps of `loss_fn(step, generator, emas)`.
 
     `emas` maps a name to an EMA copy of `model` (created from `model` when
     missing) updated after every step with `cfg.ema_decays[name]`. Returns the
     EMAs. A checkpoint at `resume_path` with the same `fingerprint` is resumed.
+    Under torchrun (`dist`), `model.net` is wrapped in DDP for the loop: each
+    rank's `loss_fn` takes its part of the global batch (`Dist.part`), DDP
+    averages the gradients, and rank 0 alone writes checkpoints and logs.
+    `accel` (CUDA only) adds bf16 autocast, channels-last and torch.compile.
     """
     emas = dict(emas or {})
     for name in cfg.ema_decays:
         if name not in emas:
             emas[name] = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizers = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
+    if cfg.optimizer not in optimizers:
+        raise ValueError(f"{cfg.name}.optimizer = {cfg.optimizer!r}: use adam or radam")
+    opt = optimizers[cfg.optimizer](model.parameters(), lr=cfg.lr)
     start, history = 0, []
 
     resume_path = Path(resume_path)
@@ -150,10 +163,15 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path
             log.info("%s: resuming from %s at step %d/%d", cfg.name, resume_path, start, cfg.steps)
         else:
             log.info("%s: ignoring %s (made with other settings or inputs)", cfg.name, resume_path)
-            resume_path.unlink()
+            barrier(dist)  # every rank has read it before rank 0 removes it
+            if dist.is_main:
+                resume_path.unlink(missing_ok=True)
+    accel.to_layout(model)
+    wrap_ddp(model, dist)
+    accel.compile_net(model)
 
     live = None
-    if live_dir is not None:
+    if live_dir is not None and dist.is_main:
         from dvclive import Live
 
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
@@ -168,13 +186,14 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path
     loss_sum, loss_n, t_last, step_last = torch.zeros((), device=device), 0, time.perf_counter(), start
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.name,
-               unit="step", mininterval=2.0, dynamic_ncols=True)
+               unit="step", mininterval=2.0, dynamic_ncols=True, disable=not dist.is_main)
     for step in bar:
         lr = cfg.lr_at(step)
         for group in opt.param_groups:
             group["lr"] = lr
         g = seeded_generator(cfg.seed, step)
-        loss = loss_fn(step, g, emas)
+        with accel.autocast():
+            loss = loss_fn(step, g, emas)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -188,7 +207,7 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path
         done = step + 1
         if done % steps_per_log == 0 or done == cfg.steps:
             # The only host synchronisation of the loop: at logging intervals.
-            mean_loss = (loss_sum / loss_n).item()
+            mean_loss = all_reduce_mean(dist, loss_sum / loss_n).item()
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(
                     f"{cfg.name}: the loss became {mean_loss} before step {done}; lower the "
@@ -205,11 +224,14 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_sec']:.0f}")
             loss_sum.zero_()
             loss_n, t_last, step_last = 0, now, done
-        if done % steps_per_ckpt == 0 and done < cfg.steps:
+        if done % steps_per_ckpt == 0 and done < cfg.steps and dist.is_main:
             atomic_save({"step": done, "fingerprint": fingerprint, "model": _state_of(model),
                          "opt": opt.state_dict(), "emas": {k: _state_of(m) for k, m in emas.items()},
                          "history": json.dumps(history)}, resume_path)
     bar.close()
+    if hasattr(model, "net"):
+        model.net = uncompiled(model.net)
+    unwrap_ddp(model)
     if live is not None:
         live.end()
     return emas

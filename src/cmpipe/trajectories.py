@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .data import ShardError, read_records
+from .distributed import SINGLE, Dist, gather_in_order
 from .images import to_unit
 from .karras import Sigmas
 from .losses import teacher_heun_pair
@@ -33,36 +34,56 @@ def pair_randomness(seed: int, i: int, num_images: int, num_scales: int, shape):
     return image, n, z
 
 
-@torch.inference_mode()
 def compute_pairs(teacher, images_uint8: torch.Tensor, num_pairs: int, seed: int, sig: Sigmas,
                   batch_size: int, device: torch.device, bf16: bool = False,
-                  indices: range | None = None, labels: torch.Tensor | None = None) -> Iterator[dict]:
+                  indices: range | None = None, labels: torch.Tensor | None = None,
+                  dist: Dist = SINGLE, parts_dir: Path | None = None) -> Iterator[dict]:
     """Yield records {"__key__", "cls": n, "json": {"image"}, "xn.npy", "xnext.npy"} in pair order.
 
     With `labels` (the class of each training image) the teacher is class-conditional: it is
     given the image's class, and the class is stored in the record's json as "label".
+    Under torchrun (`dist`), batch b is computed by rank b mod W (the same batches as one
+    process) and rank 0 yields them all in order; the other ranks yield nothing.
     """
+    indices = indices if indices is not None else range(num_pairs)
+    batches = [indices[s:s + batch_size] for s in range(0, len(indices), batch_size)]
+    bar = tqdm(total=len(dist.my_batches(len(batches))), desc="trajectories", unit="batch", mininterval=2.0)
+
+    def compute(b):
+        recs = pair_batch(teacher, images_uint8, batches[b], seed, sig, device, bf16, labels)
+        bar.update()
+        return recs
+
+    for recs in gather_in_order(dist, len(batches), compute, parts_dir or Path("data/trajectories"),
+                                "trajectories"):
+        yield from recs
+    bar.close()
+
+
+@torch.inference_mode()
+def pair_batch(teacher, images_uint8: torch.Tensor, idx, seed: int, sig: Sigmas, device: torch.device,
+               bf16: bool = False, labels: torch.Tensor | None = None) -> list[dict]:
+    """The records of the pairs `idx` (one batch of the teacher)."""
     grid = sig.grid().float()
     shape = tuple(images_uint8.shape[1:])
-    indices = indices if indices is not None else range(num_pairs)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda"
                 else contextlib.nullcontext())
-    for start in tqdm(range(0, len(indices), batch_size), desc="trajectories", unit="batch", mininterval=2.0):
-        idx = indices[start:start + batch_size]
-        rnd = [pair_randomness(seed, i, len(images_uint8), sig.num_scales, shape) for i in idx]
-        img = torch.tensor([r[0] for r in rnd])
-        n = torch.tensor([r[1] for r in rnd])
-        z = torch.stack([r[2] for r in rnd])
-        x = to_unit(images_uint8[img]).to(device)
-        y = None if labels is None else labels[img]
-        D = teacher if y is None else teacher.with_labels(y.to(device))
-        with autocast:
-            x_n, x_next = teacher_heun_pair(D, x, z.to(device), grid[n].to(device), grid[n + 1].to(device))
-        x_n, x_next = x_n.float().cpu().numpy(), x_next.float().cpu().numpy()
-        for j, i in enumerate(idx):
-            info = {"image": int(img[j])} if y is None else {"image": int(img[j]), "label": int(y[j])}
-            yield {"__key__": f"pair_{i:09d}", "cls": int(n[j]), "json": info,
-                   "xn.npy": x_n[j], "xnext.npy": x_next[j]}
+    out = []
+    rnd = [pair_randomness(seed, i, len(images_uint8), sig.num_scales, shape) for i in idx]
+    img = torch.tensor([r[0] for r in rnd])
+    n = torch.tensor([r[1] for r in rnd])
+    z = torch.stack([r[2] for r in rnd])
+    x = to_unit(images_uint8[img]).to(device)
+    y = None if labels is None else labels[img]
+    D = teacher if y is None else teacher.with_labels(y.to(device))
+    with autocast:
+        x_n, x_next = teacher_heun_pair(D, x, z.to(device), grid[n].to(device), grid[n + 1].to(device))
+    x_n, x_next = x_n.float().cpu().numpy(), x_next.float().cpu().numpy()
+    for j, i in enumerate(idx):
+        info = {"image": int(img[j])} if y is None else {"image": int(img[j]), "label": int(y[j])}
+        out.append({"__key__": f"pair_{i:09d}", "cls": int(n[j]), "json": info,
+                    "xn.npy": x_n[j], "xnext.npy": x_next[j]})
+    return out
 
 
 def load_pairs(shards: list[Path], shape):

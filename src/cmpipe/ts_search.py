@@ -74,27 +74,35 @@ def search_ts(objective: Callable[[list[int]], float], max_steps: int, num_scale
 
 def search_ts_by_fid(f, sig, shape, max_steps: int, count: int, seed: int, batch_size: int, device,
                      ref: dict, method: str = "ternary", inception=None, start: dict | None = None,
-                     labels=None) -> tuple[dict[int, list[int]], dict[str, float]]:
+                     labels=None, dist=None) -> tuple[dict[int, list[int]], dict[str, float]]:
     """`search_ts` on the FID of `count` samples drawn with `seed` against reference statistics.
 
     Every candidate uses the same initial noises (common random numbers), so the FIDs differ by
     the ts and not by the draw; keep `seed` apart from the evaluated sets' seed (held out).
-    `labels` gives a conditional model its classes (`sampling.class_labels`).
+    `labels` gives a conditional model its classes (`sampling.class_labels`). Under torchrun
+    (`dist`) every rank samples its batches, rank 0 scores them and shares the FID, so all ranks
+    follow the same search.
     """
     import logging
 
     from . import evaluation
+    from .distributed import SINGLE, broadcast_object
     from .sampling import cm_sampler, generate
 
     log = logging.getLogger(__name__)
-    model = inception if inception is not None else evaluation.build_inception(device)
+    dist = dist or SINGLE
+    model = None
+    if dist.is_main:
+        model = inception if inception is not None else evaluation.build_inception(device)
 
     def fid_of(ts: list[int]) -> float:
         images, _ = generate(cm_sampler(f, sig, ts, seed, shape, labels), count, batch_size, shape, seed, device,
-                             f"ts {ts}")
-        feats = evaluation.inception_features(images, model=model, progress=False, desc=f"ts {ts}")
-        value = evaluation.fid(feats, ref["mu"], ref["sigma"])
-        log.info("ts %s: FID %.2f (%d samples)", ts, value, count)
-        return value
+                             f"ts {ts}", dist=dist)
+        value = None
+        if dist.is_main:
+            feats = evaluation.inception_features(images, model=model, progress=False, desc=f"ts {ts}")
+            value = evaluation.fid(feats, ref["mu"], ref["sigma"])
+            log.info("ts %s: FID %.2f (%d samples)", ts, value, count)
+        return broadcast_object(dist, value)
 
     return search_ts(fid_of, max_steps, sig.num_scales, method, start)
