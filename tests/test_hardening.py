@@ -3,7 +3,6 @@ the params cases in test_params.py, kills and reproducibility in test_pipeline.p
 from __future__ import annotations
 
 import errno
-import os
 import pickle
 
 import pytest
@@ -13,17 +12,7 @@ from cmpipe import networks
 from cmpipe.fileio import atomic_savez, atomic_write_json
 from cmpipe.networks import CheckpointError, load_network, save_model
 from cmpipe.training import atomic_save
-from conftest import tiny_unet
-
-
-class _Boom:
-    """Unpickling this would create a folder: the proof that nothing got unpickled."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
+from conftest import Boom as _Boom, tiny_unet
 
 
 @pytest.fixture

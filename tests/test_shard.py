@@ -25,6 +25,7 @@ from cmpipe.data import (DataError, ShardError, decode_pngs, decode_sample, enco
 import cmpipe.data.shards as shards_module
 from cmpipe.data.shards import _unfilter
 from cmpipe.data.sources import FASHION_MNIST_CLASSES, list_splits
+from conftest import Boom as _Boom
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -355,16 +356,6 @@ def _tar_with(path: Path, members: dict[str, bytes]):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-
-
-class _Boom:
-    """Unpickling this would create a folder: the proof that nothing got unpickled."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
 
 
 def test_pickle_member_is_refused_without_unpickling(tmp_path):
