@@ -34,13 +34,8 @@ from cmpipe.stage import run_stage
 from cmpipe.teachers import load_teacher_file
 from cmpipe.trajectories import load_pairs
 from cmpipe.training import EpochSampler, TrainConfig, ema_update, fingerprint_of, train
+from cmpipe.layout import DISTILL_REPORT as REPORT, DISTILL_RESUME as RESUME, MANIFEST, STUDENT as OUT, TEACHER, TRAJECTORIES as CACHE
 
-MANIFEST = Path("data/shards/manifest.json")
-TEACHER = Path("data/teacher/model.pt")
-CACHE = Path("data/trajectories")
-OUT = Path("data/student/model.pt")
-REPORT = Path("reports/distill")
-RESUME = Path("data/.resume/distill.pt")
 log = logging.getLogger("stages.distill")
 
 

@@ -31,10 +31,8 @@ from cmpipe.networks import ConsistencyFunction, load_network
 from cmpipe.sampling import bind_labels, class_labels, consistency_sample, per_sample_randn
 from cmpipe.stage import run_stage
 from cmpipe.training import pick_device, seeded_generator
+from cmpipe.layout import EDIT as OUT, MANIFEST, STUDENT
 
-MANIFEST = Path("data/shards/manifest.json")
-STUDENT = Path("data/student/model.pt")
-OUT = Path("reports/edit")
 SHOWN = 8  # rows of each grid
 log = logging.getLogger("stages.edit")
 

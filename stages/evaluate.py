@@ -21,12 +21,8 @@ import numpy as np
 
 from cmpipe import assets, distributed, evaluation, params
 from cmpipe.fileio import atomic_write_text
+from cmpipe.layout import FID_PLOT as PLOT, FID_REF as REF, METRICS, SAMPLE_SETS as SETS, SAMPLES
 
-REF = Path("data/fid_ref.npz")
-SAMPLES = Path("data/samples")
-SETS = SAMPLES / "sets.json"
-METRICS = Path("reports/metrics.json")
-PLOT = Path("reports/fid_vs_nfe.csv")
 KINDS = ("cm", "teacher_heun", "teacher_euler")
 log = logging.getLogger("stages.evaluate")
 

@@ -15,60 +15,55 @@ import time
 
 from cmpipe import assets, evaluation, params
 from cmpipe.data.shards import ShardError, load_image_split, read_manifest
+from cmpipe.layout import FID_REF as OUT, MANIFEST
+from cmpipe.stage import run_stage
 
-MANIFEST = "data/shards/manifest.json"
-OUT = "data/fid_ref.npz"
 log = logging.getLogger("stages.fid_ref")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        p = params.load("fid_ref")  # validates every key before any work
-        manifest = read_manifest(MANIFEST)
-        split = manifest["roles"].get("ref")
-        if split not in manifest["splits"]:
-            raise ShardError(f"{MANIFEST}: role 'ref' names split {split!r}, which the manifest "
-                             f"lacks (splits: {', '.join(manifest['splits'])}); rerun `dvc repro shard`")
-        available = manifest["splits"][split]["count"]
-        if p.count > available:
-            raise params.ParamsError(
-                f"params.yaml: fid_ref.count = {p.count} exceeds the {available} images of the "
-                f"reference split {split!r} ({MANIFEST}); lower fid_ref.count or use a larger "
-                f"split (shard.ref_split, shard.limit)")
-        # Resolve (and if needed convert) the Inception file before reading any image.
-        inception = assets.inception_info()
-        model = evaluation.build_inception(evaluation.default_device())
+    p = params.load("fid_ref")  # validates every key before any work
+    manifest = read_manifest(MANIFEST)
+    split = manifest["roles"].get("ref")
+    if split not in manifest["splits"]:
+        raise ShardError(f"{MANIFEST}: role 'ref' names split {split!r}, which the manifest "
+                         f"lacks (splits: {', '.join(manifest['splits'])}); rerun `dvc repro shard`")
+    available = manifest["splits"][split]["count"]
+    if p.count > available:
+        raise params.ParamsError(
+            f"params.yaml: fid_ref.count = {p.count} exceeds the {available} images of the "
+            f"reference split {split!r} ({MANIFEST}); lower fid_ref.count or use a larger "
+            f"split (shard.ref_split, shard.limit)")
+    # Resolve (and if needed convert) the Inception file before reading any image.
+    inception = assets.inception_info()
+    model = evaluation.build_inception(evaluation.default_device())
 
-        t0 = time.perf_counter()
-        images, _labels = load_image_split(MANIFEST, role="ref", limit=p.count)
-        if len(images) != p.count:
-            raise ShardError(f"{MANIFEST}: split {split!r} gave {len(images)} images, expected {p.count}")
-        images = images.permute(0, 2, 3, 1).contiguous().numpy()  # N x C x H x W -> N x H x W x C
-        log.info("read %d images of split %s, shape %s, in %.1fs", len(images), split,
-                 tuple(images.shape[1:]), time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    images, _labels = load_image_split(MANIFEST, role="ref", limit=p.count)
+    if len(images) != p.count:
+        raise ShardError(f"{MANIFEST}: split {split!r} gave {len(images)} images, expected {p.count}")
+    images = images.permute(0, 2, 3, 1).contiguous().numpy()  # N x C x H x W -> N x H x W x C
+    log.info("read %d images of split %s, shape %s, in %.1fs", len(images), split,
+             tuple(images.shape[1:]), time.perf_counter() - t0)
 
-        feats = evaluation.inception_features(images, batch_size=p.batch_size, model=model,
-                                              desc=f"fid_ref {split}")
-        c, h, w = manifest["shape"]
-        protocol = {
-            "mode": evaluation.MODE,
-            "split": split,
-            "count": int(p.count),
-            "resolution": h if h == w else [h, w],
-            "shape_hwc": [h, w, c],
-            "channels": c,
-            "feature_dim": evaluation.FEATURE_DIM,
-            "inception": {k: inception[k] for k in ("name", "sha1", "origin")},
-            "cleanfid_version": evaluation.cleanfid_version(),
-            "device": model.device.type,
-        }
-        ref = evaluation.save_reference(OUT, feats, protocol)
-        log.info("wrote %s: %d features, trace(sigma) %.2f", OUT, len(feats), float(ref["sigma"].trace()))
-    except (params.ParamsError, ShardError, assets.MissingAssetError) as e:
-        # A user-facing problem (params, missing shards or weights): its message says what to fix.
-        raise SystemExit(f"fid_ref: {e}")
+    feats = evaluation.inception_features(images, batch_size=p.batch_size, model=model,
+                                          desc=f"fid_ref {split}")
+    c, h, w = manifest["shape"]
+    protocol = {
+        "mode": evaluation.MODE,
+        "split": split,
+        "count": int(p.count),
+        "resolution": h if h == w else [h, w],
+        "shape_hwc": [h, w, c],
+        "channels": c,
+        "feature_dim": evaluation.FEATURE_DIM,
+        "inception": {k: inception[k] for k in ("name", "sha1", "origin")},
+        "cleanfid_version": evaluation.cleanfid_version(),
+        "device": model.device.type,
+    }
+    ref = evaluation.save_reference(OUT, feats, protocol)
+    log.info("wrote %s: %d features, trace(sigma) %.2f", OUT, len(feats), float(ref["sigma"].trace()))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("fid_ref", main)

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from cmpipe.fileio import atomic_write_text
 from cmpipe.report import summary_markdown
+from cmpipe.layout import (DISTILL_REPORT, METRICS, SAMPLE_GRIDS, SAMPLE_SETS, SAMPLE_TIMING, SUMMARY,
+                           TEACHER_REPORT, TRAJECTORIES_REPORT)
 from cmpipe.stage import run_stage
 
-REPORTS = Path("reports")
+REPORTS = SUMMARY.parent
 
 
 def _read(path: Path) -> dict:
@@ -19,19 +21,18 @@ def _read(path: Path) -> dict:
 
 
 def main():
-    metrics = _read(REPORTS / "metrics.json")
-    sets = _read(Path("data/samples/sets.json"))
-    for name, t in _read(REPORTS / "sample_timing.json").items():
+    metrics = _read(METRICS)
+    sets = _read(SAMPLE_SETS)
+    for name, t in _read(SAMPLE_TIMING).items():
         if name in sets:
             sets[name]["seconds_per_image"] = t["seconds_per_image"]
     if not metrics or not sets:
-        raise FileNotFoundError("reports/metrics.json or data/samples/sets.json is missing: "
-                                "run `dvc repro evaluate` first")
-    extras = {"teacher training (last logged)": _read(REPORTS / "teacher/metrics.json"),
-              "distillation (last logged)": _read(REPORTS / "distill/metrics.json"),
-              "trajectory cache": _read(REPORTS / "trajectories.json")}
-    text = summary_markdown(metrics, sets, extras, REPORTS / "samples", REPORTS)
-    atomic_write_text(REPORTS / "summary.md", text)
+        raise FileNotFoundError(f"{METRICS} or {SAMPLE_SETS} is missing: run `dvc repro evaluate` first")
+    extras = {"teacher training (last logged)": _read(TEACHER_REPORT / "metrics.json"),
+              "distillation (last logged)": _read(DISTILL_REPORT / "metrics.json"),
+              "trajectory cache": _read(TRAJECTORIES_REPORT)}
+    text = summary_markdown(metrics, sets, extras, SAMPLE_GRIDS, REPORTS)
+    atomic_write_text(SUMMARY, text)
     print(text)
 
 

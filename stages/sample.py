@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 
 from cmpipe import distributed, evaluation, params
 from cmpipe.fileio import atomic_savez, atomic_write_json
@@ -28,14 +27,9 @@ from cmpipe.sampling import (check_ts, class_labels, cm_sampler, default_ts, eul
 from cmpipe.stage import run_stage
 from cmpipe.teachers import load_teacher
 from cmpipe.ts_search import search_ts_by_fid
+from cmpipe.layout import (FID_REF, SAMPLE_GRIDS as GRIDS, SAMPLE_TIMING as TIMING, SAMPLES as OUT, STUDENT,
+                            TEACHER, TS_SEARCH as SEARCH_REPORT)
 
-STUDENT = Path("data/student/model.pt")
-TEACHER = Path("data/teacher/model.pt")
-OUT = Path("data/samples")
-GRIDS = Path("reports/samples")
-FID_REF = Path("data/fid_ref.npz")
-SEARCH_REPORT = Path("reports/ts_search.json")
-TIMING = Path("reports/sample_timing.json")
 log = logging.getLogger("stages.sample")
 
 

@@ -12,32 +12,28 @@ import logging
 import time
 
 from cmpipe import params
-from cmpipe.data import DataError, ShardError, check_roles, list_splits, load_source_from_params, write_dataset
+from cmpipe.data import check_roles, list_splits, load_source_from_params, write_dataset
+from cmpipe.layout import SHARDS as OUT_DIR
+from cmpipe.stage import run_stage
 
-OUT_DIR = "data/shards"
 log = logging.getLogger("stages.shard")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        p = params.load("shard")  # validates every key before any work
-        # Check the roles against the source's splits before reading a single image.
-        check_roles(p.train_split, p.ref_split, list_splits(p.source, p.path))
-        t0 = time.perf_counter()
-        data = load_source_from_params(p)
-        log.info("read %s from %s: %s in %.1fs", p.source, p.path,
-                 ", ".join(f"{k} {len(s.images)}" for k, s in data.splits.items()),
-                 time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        manifest = write_dataset(data, OUT_DIR, p.images_per_shard,
-                                 roles={"train": p.train_split, "ref": p.ref_split})
-        log.info("wrote %d split(s) of shape %s in %.1fs", len(manifest["splits"]), manifest["shape"],
-                 time.perf_counter() - t0)
-    except (params.ParamsError, DataError, ShardError) as e:
-        # A user-facing problem (params, missing data): its message says what to fix.
-        raise SystemExit(f"shard: {e}")
+    p = params.load("shard")  # validates every key before any work
+    # Check the roles against the source's splits before reading a single image.
+    check_roles(p.train_split, p.ref_split, list_splits(p.source, p.path))
+    t0 = time.perf_counter()
+    data = load_source_from_params(p)
+    log.info("read %s from %s: %s in %.1fs", p.source, p.path,
+             ", ".join(f"{k} {len(s.images)}" for k, s in data.splits.items()),
+             time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    manifest = write_dataset(data, OUT_DIR, p.images_per_shard,
+                             roles={"train": p.train_split, "ref": p.ref_split})
+    log.info("wrote %d split(s) of shape %s in %.1fs", len(manifest["splits"]), manifest["shape"],
+             time.perf_counter() - t0)
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("shard", main)

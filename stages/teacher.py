@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 
 import torch
 
@@ -28,11 +27,8 @@ from cmpipe.sampling import generate, heun_sampler, preview_plan
 from cmpipe.stage import run_stage
 from cmpipe.teachers import adopt_diffusers_teacher, load_teacher
 from cmpipe.training import EpochSampler, TrainConfig, fingerprint_of, train
+from cmpipe.layout import MANIFEST, TEACHER as OUT, TEACHER_REPORT as REPORT, TEACHER_RESUME as RESUME
 
-MANIFEST = Path("data/shards/manifest.json")
-OUT = Path("data/teacher/model.pt")
-REPORT = Path("reports/teacher")
-RESUME = Path("data/.resume/teacher.pt")
 log = logging.getLogger("stages.teacher")
 
 

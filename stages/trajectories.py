@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from pathlib import Path
 
 from cmpipe import distributed, params
 from cmpipe.data import load_image_split, read_manifest, sha256_file, write_shards
@@ -20,11 +19,8 @@ from cmpipe.karras import Sigmas
 from cmpipe.teachers import load_teacher
 from cmpipe.stage import run_stage
 from cmpipe.trajectories import compute_pairs
+from cmpipe.layout import MANIFEST, TEACHER, TRAJECTORIES as OUT, TRAJECTORIES_REPORT as REPORT
 
-MANIFEST = Path("data/shards/manifest.json")
-TEACHER = Path("data/teacher/model.pt")
-OUT = Path("data/trajectories")
-REPORT = Path("reports/trajectories.json")
 log = logging.getLogger("stages.trajectories")
 
 

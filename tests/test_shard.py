@@ -503,12 +503,13 @@ def test_stage_refuses_a_missing_role_split(tmp_path, monkeypatch, capsys):
     work = _stage_params(tmp_path / "work", source="npz", path=str(path), resolution=6)
     monkeypatch.chdir(work)
     monkeypatch.syspath_prepend(str(REPO))
+    from cmpipe.stage import run_stage
     from stages import shard as stage
     with pytest.raises(SystemExit, match=r"shard\.ref_split = 'test' is not a split.*available: train"):
-        stage.main()
+        run_stage("shard", stage.main)
     assert not (work / "data").exists()  # refused before any work
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["shard"]["resolution"] = 2
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(SystemExit, match=r"shard\.resolution = 2 is below its minimum"):
-        stage.main()
+        run_stage("shard", stage.main)

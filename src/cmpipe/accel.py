@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-CPU_NOTE = "accel settings act on CUDA only"
-
 
 @dataclass(frozen=True)
 class Accel:

@@ -34,6 +34,18 @@ def _k(type_, **kw):
 
 
 POS = dict(min=1)
+# The keys of one training loop (training.TrainConfig), the same for the teacher and distill.
+TRAINING = {
+    "seed": _k("int", min=0),
+    "images": _k("int", **POS),
+    "batch_size": _k("int", **POS),
+    "lr": _k("float", min=1e-12, max=1.0),
+    "optimizer": _k("str", choices=("adam", "radam")),
+    "warmup_images": _k("int", min=0),
+    "grad_clip": _k("float", min=0.0, nullable=True),
+    "checkpoint_every": _k("int", **POS),
+    "log_every": _k("int", **POS),
+}
 SCHEMA: dict[str, dict[str, Key]] = {
     "shard": {
         "source": _k("str", choices=("fashion_mnist", "mnist", "cifar10", "image_folder", "npz")),
@@ -79,18 +91,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "teacher": {
         "checkpoint": _k("str", nullable=True),
-        "seed": _k("int", min=0),
-        "images": _k("int", **POS),
-        "batch_size": _k("int", **POS),
-        "lr": _k("float", min=1e-12, max=1.0),
-        "optimizer": _k("str", choices=("adam", "radam")),
-        "warmup_images": _k("int", min=0),
-        "grad_clip": _k("float", min=0.0, nullable=True),
+        **TRAINING,
         "ema_decay": _k("float", min=0.0, max=1.0),
         "P_mean": _k("float"),
         "P_std": _k("float", min=1e-6),
-        "checkpoint_every": _k("int", **POS),
-        "log_every": _k("int", **POS),
         "grid_steps": _k("int", min=1, max=1000),
     },
     "trajectories": {
@@ -103,13 +107,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "distill": {
         "mode": _k("str", choices=("cd", "ct")),
-        "seed": _k("int", min=0),
-        "images": _k("int", **POS),
-        "batch_size": _k("int", **POS),
-        "lr": _k("float", min=1e-12, max=1.0),
-        "optimizer": _k("str", choices=("adam", "radam")),
-        "warmup_images": _k("int", min=0),
-        "grad_clip": _k("float", min=0.0, nullable=True),
+        **TRAINING,
         "metric": _k("str", choices=("l2", "l1", "pseudo_huber", "lpips")),
         "huber_c": _k("float", min=1e-12, nullable=True),
         "lpips_net": _k("str", choices=("alex", "vgg")),
@@ -127,8 +125,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "ct_index": _k("str", choices=("uniform", "lognormal")),
         "ict_P_mean": _k("float"),
         "ict_P_std": _k("float", min=1e-6),
-        "checkpoint_every": _k("int", **POS),
-        "log_every": _k("int", **POS),
     },
     "sample": {
         "count": _k("int", **POS),

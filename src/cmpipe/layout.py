@@ -1,0 +1,38 @@
+"""Where the pipeline's artifacts live, relative to the repository root.
+
+One name per path, shared by the stages that write and read it. dvc.yaml states the
+same paths as the stages' deps and outs (tests/test_layout.py checks that they agree).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+SHARDS = Path("data/shards")
+MANIFEST = SHARDS / "manifest.json"
+FID_REF = Path("data/fid_ref.npz")
+
+TEACHER = Path("data/teacher/model.pt")
+TEACHER_REPORT = Path("reports/teacher")
+
+TRAJECTORIES = Path("data/trajectories")
+TRAJECTORIES_REPORT = Path("reports/trajectories.json")
+
+STUDENT = Path("data/student/model.pt")
+DISTILL_REPORT = Path("reports/distill")
+
+SAMPLES = Path("data/samples")
+SAMPLE_SETS = SAMPLES / "sets.json"
+SAMPLE_GRIDS = Path("reports/samples")
+TS_SEARCH = Path("reports/ts_search.json")
+SAMPLE_TIMING = Path("reports/sample_timing.json")
+
+METRICS = Path("reports/metrics.json")
+FID_PLOT = Path("reports/fid_vs_nfe.csv")
+EDIT = Path("reports/edit")
+SUMMARY = Path("reports/summary.md")
+
+# Resumable checkpoints of the training stages: not DVC outputs (a finished stage removes its
+# own), kept out of git by data/ being ignored.
+RESUME = Path("data/.resume")
+TEACHER_RESUME = RESUME / "teacher.pt"
+DISTILL_RESUME = RESUME / "distill.pt"
