@@ -39,7 +39,7 @@ from cmpipe.consistency_training import CTSchedule, ct_loss, sample_pair_indices
 from cmpipe.distillation import cd_loss_online, student_from_teacher  # noqa: E402
 from cmpipe.images import to_unit  # noqa: E402
 from cmpipe.karras import Sigmas  # noqa: E402
-from cmpipe.losses import edm_loss  # noqa: E402
+from cmpipe.losses import edm_loss, resolve_metric  # noqa: E402
 from cmpipe.networks import (ConsistencyFunction, EDMDenoiser, build_unet, load_network,  # noqa: E402
                              unet_config)
 from cmpipe.sampling import cm_sampler, default_ts, generate, heun_sampler  # noqa: E402
@@ -98,9 +98,7 @@ def run_teacher(budgets, images, p, sig, device, deadline) -> dict:
         x = to_unit(images[sampler.indices(step)]).to(device)
         return edm_loss(model, x, t.P_mean, t.P_std, sig.sigma_data, generator=g)
 
-    cfg = TrainConfig(images=max(budgets), batch_size=t.batch_size, lr=t.lr, warmup_images=t.warmup_images,
-                      grad_clip=t.grad_clip, ema_decays={"ema": t.ema_decay}, checkpoint_every=10**12,
-                      log_every=10**12, seed=t.seed, name="teacher")
+    cfg = TrainConfig.from_params(t, "teacher", images=max(budgets), checkpoint_every=10**12, log_every=10**12)
     try:
         emas = train(model, loss_fn, cfg, Path("/tmp/sweep-teacher.pt"), None, "sweep", device)
         snaps[max(budgets)] = emas["ema"].eval()
@@ -117,13 +115,8 @@ def run_cm(name, budget, overrides, images, teacher_path, p, sig, device, deadli
     d = copy.copy(p.distill)
     for k, v in overrides.items():
         setattr(d, k, v)
-    metric = d.metric
-    if metric == "lpips":
-        from cmpipe.lpips import load_lpips
-        metric = load_lpips(d.lpips_net, resize=d.lpips_resize, device=device)
-    cfg = TrainConfig(images=budget, batch_size=d.batch_size, lr=d.lr, warmup_images=d.warmup_images,
-                      grad_clip=d.grad_clip, ema_decays={"ema": d.ema_decay}, checkpoint_every=10**12,
-                      log_every=10**12, seed=d.seed, name=name)
+    metric = resolve_metric(d.metric, d.lpips_net, d.lpips_resize, device)
+    cfg = TrainConfig.from_params(d, name, images=budget, checkpoint_every=10**12, log_every=10**12)
     sched = CTSchedule.from_params(d, cfg.steps)
     sampler = EpochSampler(len(images), d.batch_size, d.seed)
     shape = tuple(images.shape[1:])

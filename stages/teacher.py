@@ -84,10 +84,7 @@ def main():
             y = labels[(i if part is None else i[part]).to(labels.device)].to(device) if num_classes else None
             return edm_loss(model.with_labels(y), x, t.P_mean, t.P_std, sig.sigma_data, generator=g, part=part)
 
-        cfg = TrainConfig(images=t.images, batch_size=t.batch_size, lr=t.lr, warmup_images=t.warmup_images,
-                          grad_clip=t.grad_clip, ema_decays={"ema": t.ema_decay},
-                          checkpoint_every=t.checkpoint_every, log_every=t.log_every, seed=t.seed,
-                          name="teacher", optimizer=t.optimizer)
+        cfg = TrainConfig.from_params(t, "teacher")
         fp = fingerprint_of(vars(p.model), vars(t), sig.sigma_data,
                             [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]])
         emas = train(model, loss_fn, cfg, RESUME, REPORT, fp, device, dist=dist, accel=accel)

@@ -1,6 +1,7 @@
 """The training loop: resume after an interruption equals an uninterrupted run, bit for bit."""
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from cmpipe.training import EpochSampler, TrainConfig, atomic_save, ema_update, seeded_generator, train
 
 DATA = torch.randn(40, 3)
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def make():
@@ -96,3 +98,16 @@ def test_warmup_schedule():
     cfg = config(lr=1.0, warmup_images=8, batch_size=4)
     assert cfg.lr_at(0) == pytest.approx(0.5) and cfg.lr_at(1) == 1.0 and cfg.lr_at(5) == 1.0
     assert cfg.steps == 20 and math.isclose(config(images=81).steps, 21)
+
+
+def test_config_from_a_params_section():
+    from cmpipe import params
+
+    y = params.read_params(REPO_PARAMS)
+    for section in ("teacher", "distill"):
+        s = params.validate_section(section, y[section])
+        cfg = TrainConfig.from_params(s, section, log_every=7)
+        assert (cfg.images, cfg.batch_size, cfg.lr, cfg.optimizer) == (s.images, s.batch_size, s.lr, s.optimizer)
+        assert cfg.ema_decays == {"ema": s.ema_decay} and cfg.seed == s.seed and cfg.name == section
+        assert cfg.log_every == 7 and cfg.checkpoint_every == s.checkpoint_every  # overrides win
+        assert cfg.steps == math.ceil(s.images / s.batch_size)

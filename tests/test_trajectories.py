@@ -36,3 +36,28 @@ def test_cache_is_independent_of_batch_size_and_matches_the_formula(tmp_path):
     assert labels is None   # an unconditional teacher's cache
     assert len(paths) == 3 and n.tolist() == [r["cls"] for r in a]
     assert torch.equal(xn[4], torch.from_numpy(a[4]["xn.npy"]))
+
+
+def test_cd_setup_refuses_a_missing_or_foreign_cache_before_loading_the_teacher(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    import pytest
+
+    from cmpipe.data import ShardError
+    from cmpipe.distillation import cd_setup
+
+    d = SimpleNamespace(batch_size=4, seed=0, huber_c=None, weighting="uniform")
+    absent_teacher = tmp_path / "no-teacher.pt"  # never read: the cache is checked first
+    with pytest.raises(ShardError, match=r"cache\.json not found: run `dvc repro trajectories` first"):
+        cd_setup(d, Sigmas(), False, "cpu", "l2", cache_dir=tmp_path / "none", teacher_path=absent_teacher)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "cache.json").write_text(json.dumps({"num_scales": 10}))
+    with pytest.raises(ShardError, match=r"10-point grid but diffusion\.num_scales = 18; run `dvc repro"):
+        cd_setup(d, Sigmas(), False, "cpu", "l2", cache_dir=tmp_path / "c", teacher_path=absent_teacher)
+
+
+def test_resolve_metric_passes_pixel_metrics_by_name():
+    from cmpipe.losses import resolve_metric
+
+    assert [resolve_metric(m) for m in ("l2", "l1", "pseudo_huber")] == ["l2", "l1", "pseudo_huber"]

@@ -6,12 +6,23 @@ The stage `distill` runs it with `distill.mode: ct`.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from .data import load_image_split, read_manifest
+from .distillation import ConsistencySetup
+from .images import to_unit
+from .karras import Sigmas
+from .layout import MANIFEST
 from .losses import consistency_loss
+from .networks import ConsistencyFunction, build_unet, count_parameters, model_num_classes, unet_config
+from .training import EpochSampler
 from .schedules import ct_mu, ct_num_scales, ict_num_scales, ict_weight, lognormal_index_probs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,3 +89,40 @@ def ct_loss(student, target, x: torch.Tensor, z: torch.Tensor, n: torch.Tensor, 
     weight = ict_weight(s_n, s_next) if weighting == "ict" else None
     return consistency_loss(student, target, x + s_n.reshape(b) * z, s_n, x + s_next.reshape(b) * z, s_next,
                             metric, huber_c, weight)
+
+
+def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric, part: slice | None = None,
+             manifest_path: Path = MANIFEST) -> ConsistencySetup:
+    """CT from the training images alone: the student starts from random weights (params `model`,
+    seeded by distill.seed) and step k uses the N(k)-point grid of `sched`.
+
+    Under torchrun the noise and pair indices are drawn for the global batch, and this rank
+    keeps its rows (`part`): the loss does not depend on the world size.
+    """
+    manifest = read_manifest(manifest_path)
+    c, h, _ = manifest["shape"]
+    images, labels = load_image_split(manifest_path, role="train")
+    num_classes = model_num_classes(model_params.class_conditional, manifest["class_names"])
+    cfg_unet = unet_config(model_params.block_out_channels, model_params.layers_per_block,
+                           model_params.attention_levels, model_params.dropout, h, c, num_classes)
+    torch.manual_seed(d.seed)  # the initial weights
+    student = ConsistencyFunction(build_unet(cfg_unet), sig.sigma_data, sig.sigma_min).to(device)
+    log.info("ct: %d training images, a %.2fM-parameter student from random weights; N(k) %d -> %d, "
+             "mu(k) %.4f -> %.4f", len(images), count_parameters(student) / 1e6, sched.N(0),
+             sched.N(sched.K), sched.mu_at(0), sched.mu_at(sched.K))
+    sampler = EpochSampler(len(images), d.batch_size, d.seed)
+
+    def loss_at(step, g, target):
+        sigmas = sig.grid(sched.N(step))
+        i = sampler.indices(step)
+        x = to_unit(images[i])
+        z = torch.randn(x.shape, generator=g)  # drawn for the global batch, whatever the world size
+        n = sample_pair_indices(sigmas, len(x), g, d.ct_index, d.ict_P_mean, d.ict_P_std)
+        if part is not None:
+            i, x, z, n = i[part], x[part], z[part], n[part]
+        y = labels[i].to(device) if num_classes else None
+        return ct_loss(student.with_labels(y), target.with_labels(y), x.to(device), z.to(device), n, sigmas,
+                       metric, d.huber_c, d.weighting)
+
+    inputs = [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]]
+    return ConsistencySetup(student, cfg_unet, loss_at, inputs)

@@ -39,6 +39,16 @@ def pseudo_huber_c(dim: int) -> float:
     return 0.00054 * math.sqrt(dim)
 
 
+def resolve_metric(name: str, lpips_net: str = "alex", lpips_resize: int | None = 224, device="cpu"):
+    """The distance d of `distill.metric`: its name for the pixel metrics, the frozen LPIPS
+    network (offline weights, `cmpipe.lpips`) for 'lpips'."""
+    if name != "lpips":
+        return name
+    from .lpips import load_lpips
+
+    return load_lpips(lpips_net, resize=lpips_resize, device=device)
+
+
 def distance(x: torch.Tensor, y: torch.Tensor, metric, huber_c: float | None = None) -> torch.Tensor:
     """Per-sample distance d(x, y).
 

@@ -99,6 +99,17 @@ class TrainConfig:
     name: str = "train"
     optimizer: str = "adam"  # adam | radam (Song et al. 2023 train CD and CT with RAdam)
 
+    @classmethod
+    def from_params(cls, section, name: str, **overrides) -> "TrainConfig":
+        """The loop of a params section with the training keys (`teacher`, `distill`): its
+        images, batch_size, lr, optimizer, warmup_images, grad_clip, seed, checkpoint_every,
+        log_every, and its ema_decay as the evaluation EMA "ema"."""
+        keys = dict(images=section.images, batch_size=section.batch_size, lr=section.lr,
+                    warmup_images=section.warmup_images, grad_clip=section.grad_clip,
+                    ema_decays={"ema": section.ema_decay}, checkpoint_every=section.checkpoint_every,
+                    log_every=section.log_every, seed=section.seed, name=name, optimizer=section.optimizer)
+        return cls(**{**keys, **overrides})
+
     @property
     def steps(self) -> int:
         return math.ceil(self.images / self.batch_size)
