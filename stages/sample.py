@@ -8,7 +8,8 @@ Reads params `sample` and `diffusion`; inputs data/student/model.pt and data/tea
 count), reports/samples/<set>.png (first 64 images, or one row per class),
 reports/ts_search.json and reports/sample_timing.json (seconds per image). With
 `sample.search_ts`, the ts of 2 and more steps come from a search on the FID of
-`search_count` held-out samples (`cmpipe.ts_search`), and every candidate's FID is reported.
+`search_count` held-out samples (`cmpipe.ts_search`), and every candidate's FID is reported;
+a searched ts replaces the one of `sample.ts` only if it wins 90% of paired bootstrap resamples.
 Sets: cm_nfe<k> for k in sample.steps, teacher_nfe<nfe> (Heun) for sample.teacher_heun_nfe
 and teacher_euler_nfe<nfe> for sample.teacher_euler_nfe. All sets share initial noises.
 """
@@ -26,7 +27,7 @@ from cmpipe.sampling import (check_ts, class_labels, cm_sampler, default_ts, eul
                              heun_sampler)
 from cmpipe.stage import run_stage
 from cmpipe.teachers import load_teacher
-from cmpipe.ts_search import search_ts_by_fid
+from cmpipe.ts_search import CONFIDENCE, search_ts_by_fid
 from cmpipe.layout import (FID_REF, SAMPLE_GRIDS as GRIDS, SAMPLE_TIMING as TIMING, SAMPLES as OUT, STUDENT,
                             TEACHER, TS_SEARCH as SEARCH_REPORT)
 
@@ -86,9 +87,10 @@ def main():
             raise params.ParamsError("sample.search_seed must differ from sample.seed: the search's samples "
                                      "are held out from the evaluated sets")
         ref = evaluation.load_reference(FID_REF)
-        # The ts given in params start the refinement, so the search never ends worse than them.
+        # The ts given in params start the refinement and stay unless the search's ts beats them
+        # with confidence (paired bootstrap of the search's samples).
         start = {k: s.ts.get(k, default_ts(k, sig.num_scales)) for k in range(2, search_steps + 1)}
-        chosen, fids = search_ts_by_fid(f, sig, shape, search_steps, s.search_count, s.search_seed,
+        chosen, fids, win_rates = search_ts_by_fid(f, sig, shape, search_steps, s.search_count, s.search_seed,
                                         s.batch_size, device, ref, s.search_method, start=start,
                                         labels=class_labels(num_classes, s.search_seed, s.class_label),
                                         dist=dist)
@@ -98,6 +100,7 @@ def main():
                 sets[f"cm_nfe{k}"]["ts_searched"] = True
         search.update(method=s.search_method, count=s.search_count, seed=s.search_seed,
                       chosen={str(k): ts for k, ts in chosen.items()}, fid=fids,
+                      confidence=CONFIDENCE, win_rate={str(k): v for k, v in win_rates.items()},
                       params_ts={str(k): s.ts.get(k, default_ts(k, sig.num_scales)) for k in chosen})
         log.info("searched ts: %s", chosen)
 

@@ -54,3 +54,47 @@ def test_a_given_start_is_kept_when_the_search_cannot_beat_it():
     chosen, _ = search_ts(toy, 3, 18, "ternary", start={3: [0, 5, 9]})
     assert chosen[3] == [0, 5, 9]
     assert toy(search_ts(toy, 3, 18, "ternary")[0][3]) == 1.0   # without it the search misses it
+
+
+def test_the_given_ts_stays_unless_the_search_beats_it_with_confidence():
+    def toy(ts):  # the search's optimum is [0, 8] and [0, 8, 12]; the given ts score a little worse
+        return abs(ts[1] - 8) + (abs(ts[2] - 12) if len(ts) == 3 else 0)
+    start = {2: [0, 11], 3: [0, 9, 12]}
+    chosen, _ = search_ts(toy, 3, 18, "ternary", start=start, beats=lambda a, b: False)
+    assert chosen == start  # never confident: the given ts stay
+    chosen, _ = search_ts(toy, 3, 18, "ternary", start=start, beats=lambda a, b: True)
+    assert chosen == {2: [0, 8], 3: [0, 8, 12]}
+    assert search_ts(toy, 3, 18, "ternary", start=start)[0] == {2: [0, 8], 3: [0, 8, 12]}  # default: lower wins
+
+
+def test_fid_of_few_samples_equals_the_full_formula():
+    import numpy as np
+
+    from cmpipe.evaluation import feature_stats, fid, fid_few
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40))
+    mu_ref, sigma_ref = feature_stats(ref)
+    for n in (2, 12, 39):
+        feats = rng.normal(loc=0.3, size=(n, 40)).astype(np.float32)
+        assert fid_few(feats, mu_ref, sigma_ref) == pytest.approx(fid(feats, mu_ref, sigma_ref), rel=1e-6)
+
+
+def test_paired_win_rate():
+    import numpy as np
+
+    from cmpipe.evaluation import feature_stats
+    from cmpipe.ts_search import paired_win_rate
+
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(400, 16))
+    ref = dict(zip(("mu", "sigma"), feature_stats(real)))
+    noise = rng.normal(size=(64, 16))
+    close, far = noise, noise + 1.5  # paired rows: the same draws, one shifted away from the data
+    assert paired_win_rate(close, far, ref, rounds=50) == 1.0
+    assert paired_win_rate(far, close, ref, rounds=50) == 0.0
+    assert paired_win_rate(close, close, ref, rounds=50) == 0.0  # a tie is no win
+    slightly = noise + 0.02 * rng.normal(size=noise.shape)
+    assert 0.0 < paired_win_rate(slightly, close, ref, rounds=200) < 1.0  # noise: no confident winner
+    with pytest.raises(ValueError, match="one shape"):
+        paired_win_rate(close, far[:10], ref)

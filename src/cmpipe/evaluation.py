@@ -232,6 +232,22 @@ def fid(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
     return fid_from_stats(mu, sigma, mu_ref, sigma_ref)
 
 
+def fid_few(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
+    """FID of n << d features against reference statistics, exactly, in O(n^2 d + n d^2).
+
+    With the sample covariance S = X^T X (X: n x d), S sigma_ref has the nonzero eigenvalues of
+    X sigma_ref X^T (n x n, positive semi-definite), so tr sqrt(S sigma_ref) needs no d x d
+    matrix square root.
+    """
+    feats = _validate_features(feats, "features").astype(np.float64)
+    mu = feats.mean(axis=0)
+    X = (feats - mu) / np.sqrt(len(feats) - 1)  # the unbiased covariance is X^T X
+    m = X @ sigma_ref @ X.T
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    diff = mu - mu_ref
+    return float(diff @ diff + np.sum(X * X) + np.trace(sigma_ref) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
+
+
 @contextmanager
 def _numpy_global_seed(seed: int):
     # clean-fid's kernel_distance draws its subsets from numpy's global RNG; seed it so

@@ -10,10 +10,21 @@ the best middle index of 3 steps. So for 3 or more steps the search then starts 
 of the greedy ts and the ts the user gave (params), and makes one pass of coordinate descent:
 each intermediate index in turn is searched between its neighbours with the others fixed. The
 result is never worse on the objective than either starting point.
+
+An FID of a few dozen samples is noisy: the search's best ts can beat the given ts on its own
+samples and lose on the evaluated set. So a searched ts replaces the given one only when it
+wins with confidence (`beats`): `search_ts_by_fid` asks that it have the lower FID in at
+least `CONFIDENCE` of paired bootstrap resamples of the search's samples (the candidates share
+their initial noises, so sample i of one ts pairs with sample i of the other).
 """
 from __future__ import annotations
 
 from typing import Callable
+
+import numpy as np
+
+CONFIDENCE = 0.9  # fraction of paired bootstrap resamples a searched ts must win
+BOOTSTRAP_ROUNDS = 200
 
 
 def ternary_search(objective: Callable[[int], float], lo: int, hi: int) -> int:
@@ -30,10 +41,13 @@ def ternary_search(objective: Callable[[int], float], lo: int, hi: int) -> int:
 
 
 def search_ts(objective: Callable[[list[int]], float], max_steps: int, num_scales: int,
-              method: str = "ternary", start: dict[int, list[int]] | None = None
+              method: str = "ternary", start: dict[int, list[int]] | None = None,
+              beats: Callable[[list[int], list[int]], bool] | None = None
               ) -> tuple[dict[int, list[int]], dict[str, float]]:
     """ts for 2..max_steps steps, each extending the previous one by its best last index, then
     (3 steps and more) refined by coordinate descent from the better of that and `start[steps]`.
+    Last, the given `start[steps]` stays unless the search's ts `beats` it (by default: has the
+    lower objective).
 
     Returns ({steps: ts}, {"0,11": value, ...}: every evaluated ts).
     """
@@ -69,13 +83,51 @@ def search_ts(objective: Callable[[list[int]], float], max_steps: int, num_scale
             best = [*best[:j], minimise(lambda i, b=tuple(best): value([*b[:j], i, *b[j + 1:]]), lo, hi),
                     *best[j + 1:]]
         chosen[steps] = best
+    for steps, given in (start or {}).items():
+        if steps in chosen and len(given) == steps and chosen[steps] != list(given):
+            better = beats(chosen[steps], list(given)) if beats else value(chosen[steps]) < value(list(given))
+            if not better:
+                chosen[steps] = list(given)
     return chosen, seen
+
+
+def paired_win_rate(feats_a: np.ndarray, feats_b: np.ndarray, ref: dict, rounds: int = BOOTSTRAP_ROUNDS,
+                    seed: int = 0) -> float:
+    """Fraction of paired bootstrap resamples (the same rows of both) in which a has the lower FID.
+
+    Each resample's FID is `evaluation.fid_few` with F sigma_ref computed once per set: for rows
+    r, X sigma_ref X^T = (G_r - mean G_r)(F_r - mean F_r)^T / (n - 1) with G = F sigma_ref.
+    """
+    if feats_a.shape != feats_b.shape:
+        raise ValueError(f"paired features must have one shape, got {feats_a.shape} and {feats_b.shape}")
+    mu_ref, sigma_ref = ref["mu"], ref["sigma"]
+    const = np.trace(sigma_ref)
+    sets = [(f, f @ sigma_ref) for f in (feats_a.astype(np.float64), feats_b.astype(np.float64))]
+    n = len(feats_a)
+
+    def fid_rows(f: np.ndarray, g: np.ndarray, rows: np.ndarray) -> float:
+        f, g = f[rows], g[rows]
+        mu = f.mean(axis=0)
+        x, gx = f - mu, g - g.mean(axis=0)
+        m = gx @ x.T / (n - 1)
+        lam = np.linalg.eigvalsh((m + m.T) / 2)
+        diff = mu - mu_ref
+        return diff @ diff + np.sum(x * x) / (n - 1) + const - 2 * np.sqrt(np.clip(lam, 0, None)).sum()
+
+    rng = np.random.default_rng(seed)
+    wins = 0
+    for _ in range(rounds):
+        rows = rng.integers(0, n, n)
+        wins += fid_rows(*sets[0], rows) < fid_rows(*sets[1], rows)
+    return wins / rounds
 
 
 def search_ts_by_fid(f, sig, shape, max_steps: int, count: int, seed: int, batch_size: int, device,
                      ref: dict, method: str = "ternary", inception=None, start: dict | None = None,
-                     labels=None, dist=None) -> tuple[dict[int, list[int]], dict[str, float]]:
+                     labels=None, dist=None) -> tuple[dict[int, list[int]], dict[str, float], dict]:
     """`search_ts` on the FID of `count` samples drawn with `seed` against reference statistics.
+    A searched ts replaces `start[steps]` only if it wins `CONFIDENCE` of the paired bootstrap
+    resamples; the third value returned holds those win rates per step count.
 
     Every candidate uses the same initial noises (common random numbers), so the FIDs differ by
     the ts and not by the draw; keep `seed` apart from the evaluated sets' seed (held out).
@@ -95,14 +147,29 @@ def search_ts_by_fid(f, sig, shape, max_steps: int, count: int, seed: int, batch
     if dist.is_main:
         model = inception if inception is not None else evaluation.build_inception(device)
 
+    features: dict[str, np.ndarray] = {}
+
     def fid_of(ts: list[int]) -> float:
         images, _ = generate(cm_sampler(f, sig, ts, seed, shape, labels), count, batch_size, shape, seed, device,
                              f"ts {ts}", dist=dist)
         value = None
         if dist.is_main:
             feats = evaluation.inception_features(images, model=model, progress=False, desc=f"ts {ts}")
-            value = evaluation.fid(feats, ref["mu"], ref["sigma"])
+            features[",".join(map(str, ts))] = feats
+            value = evaluation.fid_few(feats, ref["mu"], ref["sigma"])
             log.info("ts %s: FID %.2f (%d samples)", ts, value, count)
         return broadcast_object(dist, value)
 
-    return search_ts(fid_of, max_steps, sig.num_scales, method, start)
+    def beats(searched: list[int], given: list[int]) -> bool:
+        rate = None
+        if dist.is_main:
+            a, b = (features[",".join(map(str, t))] for t in (searched, given))
+            rate = paired_win_rate(a, b, ref, seed=seed)
+            log.info("ts %s beats the given %s in %.0f%% of %d paired resamples (needs %.0f%%)",
+                     searched, given, 100 * rate, BOOTSTRAP_ROUNDS, 100 * CONFIDENCE)
+            win_rates[len(given)] = {"searched": searched, "given": given, "win_rate": rate}
+        return broadcast_object(dist, rate) >= CONFIDENCE
+
+    win_rates: dict[int, dict] = {}
+    chosen, seen = search_ts(fid_of, max_steps, sig.num_scales, method, start, beats)
+    return chosen, seen, win_rates
