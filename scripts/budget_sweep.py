@@ -31,19 +31,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cmpipe.pipeline.config import ct_schedule_from, sigmas_from, train_config_from  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cmpipe import params  # noqa: E402
-from cmpipe.consistency_training import CTSchedule, ct_loss, sample_pair_indices  # noqa: E402
-from cmpipe.distillation import cd_loss_online, student_from_teacher  # noqa: E402
+from cmpipe.cm.losses import (
+    cd_loss_online,  # noqa: E402
+    ct_loss,  # noqa: E402
+    edm_loss,  # noqa: E402
+)
+from cmpipe.cm.precond import (
+    ConsistencyFunction,
+    EDMDenoiser,
+    student_from_teacher,  # noqa: E402
+)
+from cmpipe.cm.sampling import default_ts  # noqa: E402
+from cmpipe.cm.schedules import sample_pair_indices  # noqa: E402
 from cmpipe.images import to_unit  # noqa: E402
-from cmpipe.karras import Sigmas  # noqa: E402
-from cmpipe.losses import edm_loss, resolve_metric  # noqa: E402
-from cmpipe.networks import (ConsistencyFunction, EDMDenoiser, build_unet, load_network,  # noqa: E402
-                             unet_config)
-from cmpipe.sampling import cm_sampler, default_ts, generate, heun_sampler  # noqa: E402
-from cmpipe.training import EpochSampler, TrainConfig, ema_update, train  # noqa: E402
+from cmpipe.networks import build_unet, load_network, unet_config
+from cmpipe.pipeline import params  # noqa: E402
+from cmpipe.pipeline.config import resolve_metric  # noqa: E402
+from cmpipe.sample_sets import cm_sampler, generate, heun_sampler  # noqa: E402
+from cmpipe.training import EpochSampler, ema_update, train  # noqa: E402
 
 ICT = dict(mode="ct", ct_num_scales="ict", mu_schedule="fixed", mu=0.0, weighting="ict",
            ct_index="lognormal", metric="pseudo_huber")
@@ -98,7 +108,7 @@ def run_teacher(budgets, images, p, sig, device, deadline) -> dict:
         x = to_unit(images[sampler.indices(step)]).to(device)
         return edm_loss(model, x, t.P_mean, t.P_std, sig.sigma_data, generator=g)
 
-    cfg = TrainConfig.from_params(t, "teacher", images=max(budgets), checkpoint_every=10**12, log_every=10**12)
+    cfg = train_config_from(t, "teacher", images=max(budgets), checkpoint_every=10**12, log_every=10**12)
     try:
         emas = train(model, loss_fn, cfg, Path("/tmp/sweep-teacher.pt"), None, "sweep", device)
         snaps[max(budgets)] = emas["ema"].eval()
@@ -115,9 +125,9 @@ def run_cm(name, budget, overrides, images, teacher_path, p, sig, device, deadli
     d = copy.copy(p.distill)
     for k, v in overrides.items():
         setattr(d, k, v)
-    metric = resolve_metric(d.metric, d.lpips_net, d.lpips_resize, device)
-    cfg = TrainConfig.from_params(d, name, images=budget, checkpoint_every=10**12, log_every=10**12)
-    sched = CTSchedule.from_params(d, cfg.steps)
+    metric = resolve_metric(d.metric, d.lpips_net, d.lpips_resize, device, d.huber_c)
+    cfg = train_config_from(d, name, images=budget, checkpoint_every=10**12, log_every=10**12)
+    sched = ct_schedule_from(d, cfg.steps)
     sampler = EpochSampler(len(images), d.batch_size, d.seed)
     shape = tuple(images.shape[1:])
     if d.mode == "cd":
@@ -140,11 +150,10 @@ def run_cm(name, budget, overrides, images, teacher_path, p, sig, device, deadli
         if d.mode == "cd":
             n = torch.randint(sig.num_scales - 1, (len(x),), generator=g)
             return cd_loss_online(student, emas["target"], teacher, x.to(device), n.to(device), z.to(device),
-                                  sig, metric, d.huber_c, d.weighting)
+                                  sig, metric, d.weighting)
         sigmas = sig.grid(sched.N(step))
         n = sample_pair_indices(sigmas, len(x), g, d.ct_index, d.ict_P_mean, d.ict_P_std)
-        return ct_loss(student, emas["target"], x.to(device), z.to(device), n, sigmas, metric, d.huber_c,
-                       d.weighting)
+        return ct_loss(student, emas["target"], x.to(device), z.to(device), n, sigmas, metric, d.weighting)
 
     target = copy.deepcopy(student).requires_grad_(False)
     try:
@@ -163,7 +172,7 @@ def worker(name, images_gz, teacher_path, out_dir, deadline, scale=1.0):
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     p = load_params()
-    sig = Sigmas.from_params(p.diffusion)
+    sig = sigmas_from(p.diffusion)
     images = torch.from_numpy(read_idx(images_gz, 3)[:, None].copy())
     log = {}
     if scale != 1.0:  # a quick check of the script itself
@@ -203,7 +212,7 @@ def train_all(args):
 
 
 def fid_all(args):
-    from cmpipe import evaluation
+    from cmpipe.metrics import fid as evaluation
 
     ref = np.load(ROOT / "data/fid_ref.npz")
     model = evaluation.build_inception("cpu")

@@ -16,18 +16,23 @@ import copy
 import logging
 import shutil
 
-from cmpipe import distributed, params
-from cmpipe.accel import Accel
-from cmpipe.consistency_training import CTSchedule, ct_setup
-from cmpipe.distillation import cd_setup
+from cmpipe.distributed import ddp as distributed
+from cmpipe.distributed.accel import Accel
 from cmpipe.images import save_grid
-from cmpipe.karras import Sigmas
-from cmpipe.layout import DISTILL_REPORT as REPORT, DISTILL_RESUME as RESUME, STUDENT as OUT
-from cmpipe.losses import resolve_metric
 from cmpipe.networks import save_model
-from cmpipe.sampling import cm_sampler, generate, preview_plan
-from cmpipe.stage import run_stage
-from cmpipe.training import TrainConfig, ema_update, fingerprint_of, train
+from cmpipe.pipeline import params
+from cmpipe.pipeline.config import (
+    ct_schedule_from,
+    resolve_metric,
+    sigmas_from,
+    train_config_from,
+)
+from cmpipe.pipeline.layout import DISTILL_REPORT as REPORT, DISTILL_RESUME as RESUME, STUDENT as OUT
+from cmpipe.pipeline.setups import cd_setup, ct_setup
+from cmpipe.pipeline.stage import run_stage
+from cmpipe.sample_sets import cm_sampler, generate, preview_plan
+from cmpipe.training import ema_update, train
+from cmpipe.util.hashing import fingerprint_of
 
 log = logging.getLogger("stages.distill")
 
@@ -38,23 +43,23 @@ def check_switches(d):
         raise params.ParamsError("distill.mu_schedule = ct follows the N(k) of consistency training; "
                                  "with distill.mode = cd use mu_schedule: fixed (rate distill.mu)")
     try:
-        CTSchedule.from_params(d, 1)
+        ct_schedule_from(d, 1)
     except ValueError as e:
         raise params.ParamsError(f"params.yaml: {e}") from None
 
 
 def main():
     p = params.load_many("distill", "diffusion", "model", "accel")
-    d, sig = p.distill, Sigmas.from_params(p.diffusion)
+    d, sig = p.distill, sigmas_from(p.diffusion)
     check_switches(d)
     dist = distributed.init()
     device = dist.device("auto")
     part = dist.part(d.batch_size) if dist.enabled else None  # checks the split before any work
     accel = Accel.from_params(p.accel, device)
     accel.configure()
-    metric = resolve_metric(d.metric, d.lpips_net, d.lpips_resize, device)
-    cfg = TrainConfig.from_params(d, "distill")
-    sched = CTSchedule.from_params(d, cfg.steps)
+    metric = resolve_metric(d.metric, d.lpips_net, d.lpips_resize, device, d.huber_c)
+    cfg = train_config_from(d, "distill")
+    sched = ct_schedule_from(d, cfg.steps)
     if d.mode == "cd":
         student, unet, loss_at, inputs = cd_setup(d, sig, p.model.class_conditional, device, metric, part)
     else:

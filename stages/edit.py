@@ -19,19 +19,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmpipe import params
+from cmpipe.cm.editing import (
+    colorization,
+    inpainting,
+    slerp,
+    stroke_painting,
+    super_resolution,
+)
+from cmpipe.cm.karras import Sigmas
+from cmpipe.cm.precond import ConsistencyFunction
+from cmpipe.cm.sampling import consistency_sample
 from cmpipe.data import load_image_split, read_manifest
-from cmpipe.editing import (bicubic_upsample_means, centre_box_mask, colorization, edit_with_seed,
-                            gray_replicated, inpainting, load_mask_png, mean_fill, psnr, random_box_masks, slerp,
-                            stroke_painting, super_resolution)
-from cmpipe.fileio import atomic_write_json
+from cmpipe.distributed.device import pick_device
+from cmpipe.edit_tasks import (
+    bicubic_upsample_means,
+    centre_box_mask,
+    gray_replicated,
+    load_mask_png,
+    mean_fill,
+    psnr,
+    random_box_masks,
+)
 from cmpipe.images import save_grid, to_uint8, to_unit
-from cmpipe.karras import Sigmas
-from cmpipe.networks import ConsistencyFunction, load_network
-from cmpipe.sampling import bind_labels, class_labels, consistency_sample, per_sample_randn
-from cmpipe.stage import run_stage
-from cmpipe.training import pick_device, seeded_generator
-from cmpipe.layout import EDIT as OUT, MANIFEST, STUDENT
+from cmpipe.networks import load_network
+from cmpipe.pipeline import params
+from cmpipe.pipeline.config import sigmas_from
+from cmpipe.pipeline.layout import EDIT as OUT, MANIFEST, STUDENT
+from cmpipe.pipeline.stage import run_stage
+from cmpipe.sample_sets import bind_labels, class_labels, edit_with_seed
+from cmpipe.util.fileio import atomic_write_json
+from cmpipe.util.seeding import per_sample_randn, seeded_generator
 
 SHOWN = 8  # rows of each grid
 log = logging.getLogger("stages.edit")
@@ -68,14 +85,14 @@ def rows_grid(columns: list[torch.Tensor], path: Path):
 
 def main():
     p = params.load_many("edit", "diffusion")
-    e, sig = p.edit, Sigmas.from_params(p.diffusion)
+    e, sig = p.edit, sigmas_from(p.diffusion)
     manifest = read_manifest(MANIFEST)
     c, h, w = manifest["shape"]
     check(e, sig, c, h, w)
     device = pick_device("auto")
     net, _ = load_network(STUDENT, ("consistency",), which="ema")
     model = ConsistencyFunction(net, sig.sigma_data, sig.sigma_min).to(device).eval()
-    from cmpipe.lpips import load_lpips
+    from cmpipe.metrics.lpips import load_lpips
 
     lpips = load_lpips("alex", resize=e.lpips_resize, device=device)
     truth_uint8, truth_labels = load_image_split(MANIFEST, role="ref", limit=e.count)

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cmpipe import assets, distributed, evaluation, params
-from cmpipe.fileio import atomic_write_text
-from cmpipe.layout import FID_PLOT as PLOT, FID_REF as REF, METRICS, SAMPLE_SETS as SETS, SAMPLES
+from cmpipe.distributed import ddp as distributed
+from cmpipe.metrics import fid as evaluation
+from cmpipe.pipeline import params
+from cmpipe.pipeline.layout import FID_PLOT as PLOT, FID_REF as REF, METRICS, SAMPLE_SETS as SETS, SAMPLES
+from cmpipe.util.fileio import atomic_write_text
+from cmpipe.weights import inception as assets
 
 KINDS = ("cm", "teacher_heun", "teacher_euler")
 log = logging.getLogger("stages.evaluate")

@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import time
 
-from cmpipe import assets, evaluation, params
 from cmpipe.data.shards import ShardError, load_image_split, read_manifest
-from cmpipe.layout import FID_REF as OUT, MANIFEST
-from cmpipe.stage import run_stage
+from cmpipe.metrics import fid as evaluation
+from cmpipe.pipeline import params
+from cmpipe.pipeline.layout import FID_REF as OUT, MANIFEST
+from cmpipe.pipeline.stage import run_stage
+from cmpipe.weights import inception as assets
 
 log = logging.getLogger("stages.fid_ref")
 

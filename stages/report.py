@@ -7,11 +7,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cmpipe.fileio import atomic_write_text
+from cmpipe.pipeline.layout import (
+    DISTILL_REPORT,
+    METRICS,
+    SAMPLE_GRIDS,
+    SAMPLE_SETS,
+    SAMPLE_TIMING,
+    SUMMARY,
+    TEACHER_REPORT,
+    TRAJECTORIES_REPORT,
+)
+from cmpipe.pipeline.stage import run_stage
 from cmpipe.report import summary_markdown
-from cmpipe.layout import (DISTILL_REPORT, METRICS, SAMPLE_GRIDS, SAMPLE_SETS, SAMPLE_TIMING, SUMMARY,
-                           TEACHER_REPORT, TRAJECTORIES_REPORT)
-from cmpipe.stage import run_stage
+from cmpipe.util.fileio import atomic_write_text
 
 REPORTS = SUMMARY.parent
 

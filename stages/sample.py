@@ -18,18 +18,35 @@ from __future__ import annotations
 import logging
 import shutil
 
-from cmpipe import distributed, evaluation, params
-from cmpipe.fileio import atomic_savez, atomic_write_json
+from cmpipe.cm.karras import Sigmas, heun_nfe_to_steps
+from cmpipe.cm.precond import ConsistencyFunction
+from cmpipe.cm.sampling import check_ts, default_ts
+from cmpipe.distributed import ddp as distributed
 from cmpipe.images import class_rows, save_grid
-from cmpipe.karras import Sigmas, heun_nfe_to_steps
-from cmpipe.networks import ConsistencyFunction, load_network, num_classes_of
-from cmpipe.sampling import (check_ts, class_labels, cm_sampler, default_ts, euler_sampler, generate,
-                             heun_sampler)
-from cmpipe.stage import run_stage
+from cmpipe.metrics import fid as evaluation
+from cmpipe.networks import load_network, num_classes_of
+from cmpipe.pipeline import params
+from cmpipe.pipeline.config import sigmas_from
+from cmpipe.pipeline.layout import (
+    FID_REF,
+    SAMPLE_GRIDS as GRIDS,
+    SAMPLE_TIMING as TIMING,
+    SAMPLES as OUT,
+    STUDENT,
+    TEACHER,
+    TS_SEARCH as SEARCH_REPORT,
+)
+from cmpipe.pipeline.stage import run_stage
+from cmpipe.sample_sets import (
+    class_labels,
+    cm_sampler,
+    euler_sampler,
+    generate,
+    heun_sampler,
+)
 from cmpipe.teachers import load_teacher
 from cmpipe.ts_search import CONFIDENCE, search_ts_by_fid
-from cmpipe.layout import (FID_REF, SAMPLE_GRIDS as GRIDS, SAMPLE_TIMING as TIMING, SAMPLES as OUT, STUDENT,
-                            TEACHER, TS_SEARCH as SEARCH_REPORT)
+from cmpipe.util.fileio import atomic_savez, atomic_write_json
 
 log = logging.getLogger("stages.sample")
 
@@ -57,7 +74,7 @@ def plan_sets(s, sig: Sigmas) -> dict:
 
 def main():
     p = params.load_many("sample", "diffusion")
-    s, sig = p.sample, Sigmas.from_params(p.diffusion)
+    s, sig = p.sample, sigmas_from(p.diffusion)
     sets = plan_sets(s, sig)
     dist = distributed.init(s.device)
     device = dist.device(s.device)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-from cmpipe import params
 from cmpipe.data import check_roles, list_splits, load_source_from_params, write_dataset
-from cmpipe.layout import SHARDS as OUT_DIR
-from cmpipe.stage import run_stage
+from cmpipe.pipeline import params
+from cmpipe.pipeline.layout import SHARDS as OUT_DIR
+from cmpipe.pipeline.stage import run_stage
 
 log = logging.getLogger("stages.shard")
 

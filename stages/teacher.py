@@ -14,27 +14,36 @@ import shutil
 
 import torch
 
-from cmpipe import distributed, params
-from cmpipe.accel import Accel, resident
+from cmpipe.cm.losses import edm_loss
+from cmpipe.cm.precond import EDMDenoiser
 from cmpipe.data import load_image_split, read_manifest
-from cmpipe.diffusers_io import is_diffusers_dir
+from cmpipe.distributed import ddp as distributed
+from cmpipe.distributed.accel import Accel, resident
+from cmpipe.export.diffusers import is_diffusers_dir
 from cmpipe.images import save_grid, to_unit
-from cmpipe.karras import Sigmas
-from cmpipe.losses import edm_loss
-from cmpipe.networks import (EDMDenoiser, build_unet, count_parameters, load_network, model_num_classes, save_model,
-                             unet_config)
-from cmpipe.sampling import generate, heun_sampler, preview_plan
-from cmpipe.stage import run_stage
+from cmpipe.networks import (
+    build_unet,
+    count_parameters,
+    load_network,
+    model_num_classes,
+    save_model,
+    unet_config,
+)
+from cmpipe.pipeline import params
+from cmpipe.pipeline.config import sigmas_from, train_config_from
+from cmpipe.pipeline.layout import MANIFEST, TEACHER as OUT, TEACHER_REPORT as REPORT, TEACHER_RESUME as RESUME
+from cmpipe.pipeline.stage import run_stage
+from cmpipe.sample_sets import generate, heun_sampler, preview_plan
 from cmpipe.teachers import adopt_diffusers_teacher, load_teacher
-from cmpipe.training import EpochSampler, TrainConfig, fingerprint_of, train
-from cmpipe.layout import MANIFEST, TEACHER as OUT, TEACHER_REPORT as REPORT, TEACHER_RESUME as RESUME
+from cmpipe.training import EpochSampler, train
+from cmpipe.util.hashing import fingerprint_of
 
 log = logging.getLogger("stages.teacher")
 
 
 def main():
     p = params.load_many("model", "teacher", "diffusion", "accel")
-    t, sig = p.teacher, Sigmas.from_params(p.diffusion)
+    t, sig = p.teacher, sigmas_from(p.diffusion)
     manifest = read_manifest(MANIFEST)
     c, h, w = manifest["shape"]
     dist = distributed.init()
@@ -84,7 +93,7 @@ def main():
             y = labels[(i if part is None else i[part]).to(labels.device)].to(device) if num_classes else None
             return edm_loss(model.with_labels(y), x, t.P_mean, t.P_std, sig.sigma_data, generator=g, part=part)
 
-        cfg = TrainConfig.from_params(t, "teacher")
+        cfg = train_config_from(t, "teacher")
         fp = fingerprint_of(vars(p.model), vars(t), sig.sigma_data,
                             [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]])
         emas = train(model, loss_fn, cfg, RESUME, REPORT, fp, device, dist=dist, accel=accel)

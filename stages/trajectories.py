@@ -12,21 +12,22 @@ import collections
 import logging
 import time
 
-from cmpipe import distributed, params
 from cmpipe.data import load_image_split, read_manifest, sha256_file, write_shards
-from cmpipe.fileio import atomic_write_json
-from cmpipe.karras import Sigmas
+from cmpipe.distributed import ddp as distributed
+from cmpipe.pipeline import params
+from cmpipe.pipeline.config import sigmas_from
+from cmpipe.pipeline.layout import MANIFEST, TEACHER, TRAJECTORIES as OUT, TRAJECTORIES_REPORT as REPORT
+from cmpipe.pipeline.stage import run_stage
 from cmpipe.teachers import load_teacher
-from cmpipe.stage import run_stage
 from cmpipe.trajectories import compute_pairs
-from cmpipe.layout import MANIFEST, TEACHER, TRAJECTORIES as OUT, TRAJECTORIES_REPORT as REPORT
+from cmpipe.util.fileio import atomic_write_json
 
 log = logging.getLogger("stages.trajectories")
 
 
 def main():
     p = params.load_many("trajectories", "diffusion")
-    t, sig = p.trajectories, Sigmas.from_params(p.diffusion)
+    t, sig = p.trajectories, sigmas_from(p.diffusion)
     manifest = read_manifest(MANIFEST)
     dist = distributed.init(t.device)
     device = dist.device(t.device)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from conftest import ROOT
 
-from cmpipe.bench import distill_step, loader, sampling, scaling, trajectories
+from cmpipe.bench import loader
+from cmpipe.bench.__main__ import distill_step, sampling, scaling, trajectories
+from cmpipe.bench.loader import stream_images
 from cmpipe.data import ShardError, encode_png, write_shards
-from cmpipe.distributed import Dist
-from cmpipe.loader import stream_images
+from cmpipe.distributed.ddp import Dist
 
 SMOKE = str(ROOT / "params-smoke.yaml")
 

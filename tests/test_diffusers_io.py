@@ -1,5 +1,5 @@
 """The diffusers round trip: export to ConsistencyModelPipeline, a DDPM ε-teacher as an EDM
-denoiser, and the `python -m cmpipe.generate` command. Tiny UNets; the file runs in well
+denoiser, and the `python -m cmpipe.export.generate` command. Tiny UNets; the file runs in well
 under a minute on two CPU cores."""
 from __future__ import annotations
 
@@ -13,18 +13,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_ddpm_dir, tiny_unet
 from PIL import Image
 
 from cmpipe import networks
-from cmpipe.diffusers_io import (DiffusersEpsTeacher, DiffusersFormatError, diffusers_default_ts,
-                                 diffusers_timesteps_to_ts, export_consistency_model, load_consistency_dir,
-                                 load_diffusers_teacher, resolve_sigmas, ts_to_diffusers_timesteps)
-from cmpipe.generate import main as generate_main
-from cmpipe.karras import Sigmas, heun_step
-from cmpipe.networks import CheckpointError, ConsistencyFunction, load_network
-from cmpipe.sampling import cm_sampler, consistency_sample, generate
-
-from conftest import save_ddpm_dir, tiny_unet
+from cmpipe.cm.karras import Sigmas, heun_step
+from cmpipe.cm.precond import ConsistencyFunction, DiffusersEpsTeacher
+from cmpipe.cm.sampling import consistency_sample
+from cmpipe.export.diffusers import (
+    DiffusersFormatError,
+    diffusers_default_ts,
+    diffusers_timesteps_to_ts,
+    export_consistency_model,
+    load_consistency_dir,
+    load_diffusers_teacher,
+    resolve_sigmas,
+    ts_to_diffusers_timesteps,
+)
+from cmpipe.export.generate import main as generate_main
+from cmpipe.networks import CheckpointError, load_network
+from cmpipe.sample_sets import cm_sampler, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SIG = Sigmas(num_scales=5)  # a small grid: ts [0, 2] is a real 2-step sampler
@@ -166,7 +174,7 @@ def test_export_is_atomic_and_checks_sigmas(cm, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="no 'teacher' weights"):
         export_consistency_model(model, tmp_path / "x", which="teacher", sigmas=SIG)
 
-    import cmpipe.diffusers_io as dio
+    import cmpipe.export.diffusers as dio
 
     def broken(*a, **k):
         raise RuntimeError("simulated crash while writing")
@@ -295,7 +303,7 @@ def test_loading_makes_no_network_access(ddpm_dir, cm, monkeypatch):
     load_consistency_dir(cm[1][1])
 
 
-# --- python -m cmpipe.generate ---------------------------------------------------------------
+# --- python -m cmpipe.export.generate ---------------------------------------------------------------
 
 def _pngs(d: Path) -> list[np.ndarray]:
     return [np.asarray(Image.open(p)) for p in sorted(d.glob("[0-9]*.png"))]
@@ -357,25 +365,25 @@ def test_generate_errors(cm, params_file, tmp_path):
 
 
 def test_generate_subprocess_offline(cm, tmp_path):
-    """`python -m cmpipe.generate` on an exported directory with the hub offline."""
+    """`python -m cmpipe.export.generate` on an exported directory with the hub offline."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "gen"
-    r = subprocess.run([sys.executable, "-m", "cmpipe.generate", "--model", str(cm[3][1]), "--steps", "2",
+    r = subprocess.run([sys.executable, "-m", "cmpipe.export.generate", "--model", str(cm[3][1]), "--steps", "2",
                         "--count", "3", "--seed", "1", "--out", str(out)],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png", "grid.png"]
     assert np.asarray(Image.open(out / "000000.png")).shape == (RES, RES, 3)
     assert json.loads((out / "generate.json").read_text())["ts"] == [0, 2]  # the export's recorded ts
-    r = subprocess.run([sys.executable, "-m", "cmpipe.generate", "--model", str(tmp_path / "nope.pt"),
+    r = subprocess.run([sys.executable, "-m", "cmpipe.export.generate", "--model", str(tmp_path / "nope.pt"),
                         "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env, cwd=tmp_path,
                        timeout=120)
     assert r.returncode == 1 and "generate: model" in r.stderr and "not found" in r.stderr
 
 
 def test_teacher_loads_with_hub_offline(ddpm_dir):
-    code = ("import torch; from cmpipe.diffusers_io import load_diffusers_teacher as L; "
+    code = ("import torch; from cmpipe.export.diffusers import load_diffusers_teacher as L; "
             f"D = L({str(ddpm_dir)!r}); x = torch.zeros(2, 1, {RES}, {RES}); "
             "print(tuple(D(x, torch.tensor([0.5, 5.0])).shape))")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
@@ -386,7 +394,7 @@ def test_teacher_loads_with_hub_offline(ddpm_dir):
 
 
 def test_export_command(cm, params_file, tmp_path):
-    from cmpipe.diffusers_io import main as export_main
+    from cmpipe.export.diffusers import main as export_main
 
     out = tmp_path / "exported"
     export_main(["export", str(cm[1][0]), str(out), "--params", str(params_file)])

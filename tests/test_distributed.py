@@ -8,15 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from cmpipe import distributed
-from cmpipe.distributed import Dist
-from cmpipe.launch import command
-from cmpipe.losses import edm_loss
-from cmpipe.networks import EDMDenoiser
-from cmpipe.params import ParamsError
-from cmpipe.training import EpochSampler, TrainConfig, train
 from conftest import tiny_unet
+
+from cmpipe.cm.losses import edm_loss
+from cmpipe.cm.precond import EDMDenoiser
+from cmpipe.distributed import ddp as distributed
+from cmpipe.distributed.ddp import Dist
+from cmpipe.pipeline.launch import command
+from cmpipe.pipeline.params import ParamsError
+from cmpipe.training import EpochSampler, TrainConfig, train
 
 BATCH, STEPS = 8, 3
 
@@ -123,7 +123,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 def test_accel_training_on_a_gpu_tracks_float32(tmp_path):
-    from cmpipe.accel import Accel
+    from cmpipe.distributed.accel import Accel
 
     dev = torch.device("cuda")
 

@@ -4,11 +4,25 @@ import math
 import pytest
 import torch
 
-from cmpipe.editing import (bicubic_upsample_means, centre_box_mask, colorization, edit, inpainting, mean_fill,
-                            orthogonal_with_first, psnr, random_box_masks, slerp, stroke_painting,
-                            super_resolution)
-from cmpipe.karras import Sigmas
-from cmpipe.networks import ConsistencyFunction, build_unet, unet_config
+from cmpipe.cm.editing import (
+    colorization,
+    edit,
+    inpainting,
+    orthogonal_with_first,
+    slerp,
+    stroke_painting,
+    super_resolution,
+)
+from cmpipe.cm.karras import Sigmas
+from cmpipe.cm.precond import ConsistencyFunction
+from cmpipe.edit_tasks import (
+    bicubic_upsample_means,
+    centre_box_mask,
+    mean_fill,
+    psnr,
+    random_box_masks,
+)
+from cmpipe.networks import build_unet, unet_config
 
 SIG = Sigmas(num_scales=18)
 

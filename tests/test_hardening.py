@@ -7,12 +7,11 @@ import pickle
 
 import pytest
 import torch
+from conftest import Boom as _Boom, tiny_unet
 
 from cmpipe import networks
-from cmpipe.fileio import atomic_savez, atomic_write_json
 from cmpipe.networks import CheckpointError, load_network, save_model
-from cmpipe.training import atomic_save
-from conftest import Boom as _Boom, tiny_unet
+from cmpipe.util.fileio import atomic_save, atomic_savez, atomic_write_json
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import yaml
 
-from cmpipe import layout
+from cmpipe.pipeline import layout
 
 REPO = Path(__file__).resolve().parents[1]
 

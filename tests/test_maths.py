@@ -5,10 +5,27 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cmpipe.karras import Sigmas, euler_step, heun_nfe_to_steps, heun_step, karras_sigmas, sample_euler, sample_heun
-from cmpipe.losses import consistency_loss, distance, edm_loss, pseudo_huber_c
-from cmpipe.networks import ConsistencyFunction, EDMDenoiser, build_unet, c_noise, unet_config
-from cmpipe.sampling import consistency_sample, default_ts
+from cmpipe.cm.karras import (
+    Sigmas,
+    euler_step,
+    heun_nfe_to_steps,
+    heun_step,
+    karras_sigmas,
+    sample_euler,
+    sample_heun,
+)
+from cmpipe.cm.losses import (
+    PseudoHuber,
+    consistency_loss,
+    edm_loss,
+    l1,
+    l2,
+    pixel_distance,
+    pseudo_huber_c,
+)
+from cmpipe.cm.precond import ConsistencyFunction, EDMDenoiser, c_noise
+from cmpipe.cm.sampling import consistency_sample, default_ts
+from cmpipe.networks import build_unet, unet_config
 
 
 class Linear(torch.nn.Module):
@@ -113,13 +130,13 @@ def test_pseudo_huber_c_and_distances():
     assert pseudo_huber_c(3 * 32 * 32) == pytest.approx(0.00054 * math.sqrt(3072), rel=1e-12)
     x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
     y = torch.zeros_like(x)
-    assert distance(x, y, "l2").item() == pytest.approx((1 + 4 + 9 + 16) / 4)
-    assert distance(x, y, "l1").item() == pytest.approx(10 / 4)
+    assert l2(x, y).item() == pytest.approx((1 + 4 + 9 + 16) / 4)
+    assert l1(x, y).item() == pytest.approx(10 / 4)
     c = pseudo_huber_c(4)
-    assert distance(x, y, "pseudo_huber").item() == pytest.approx(math.sqrt(30 + c**2) - c, rel=1e-6)
-    assert distance(x, y, "pseudo_huber", huber_c=1.0).item() == pytest.approx(math.sqrt(31) - 1, rel=1e-6)
-    with pytest.raises(ValueError, match="distill.metric"):
-        distance(x, y, "lpips2")
+    assert PseudoHuber()(x, y).item() == pytest.approx(math.sqrt(30 + c**2) - c, rel=1e-6)
+    assert pixel_distance("pseudo_huber", huber_c=1.0)(x, y).item() == pytest.approx(math.sqrt(31) - 1, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown distance 'lpips2'"):
+        pixel_distance("lpips2")
 
 
 def test_consistency_loss_by_hand():
@@ -135,10 +152,10 @@ def test_consistency_loss_by_hand():
         a = [cs(s_n[b].item()) * v for v in x_n[b].flatten().tolist()]
         t = [cs(s_next[b].item()) * v for v in x_next[b].flatten().tolist()]
         per.append(sum((p - q) ** 2 for p, q in zip(a, t)) / 2)
-    loss = consistency_loss(student, target, x_n, s_n, x_next, s_next, "l2")
+    loss = consistency_loss(student, target, x_n, s_n, x_next, s_next, l2)
     assert loss.item() == pytest.approx(sum(per) / 2, rel=1e-5)
     w = torch.tensor([2.0, 0.0])
-    assert consistency_loss(student, target, x_n, s_n, x_next, s_next, "l2", weight=w).item() == \
+    assert consistency_loss(student, target, x_n, s_n, x_next, s_next, l2, weight=w).item() == \
         pytest.approx(per[0], rel=1e-5)
 
 
@@ -147,7 +164,7 @@ def test_consistency_loss_has_no_gradient_through_target():
     student = ConsistencyFunction(net_s, 0.5, 0.002)
     target = ConsistencyFunction(net_t, 0.5, 0.002)
     x = torch.randn(3, 1, 2, 2)
-    loss = consistency_loss(student, target, x, torch.full((3,), 1.0), x, torch.full((3,), 0.5), "l2")
+    loss = consistency_loss(student, target, x, torch.full((3,), 1.0), x, torch.full((3,), 0.5), l2)
     loss.backward()
     assert net_t.w.grad is None
 

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import yaml
-
-from cmpipe import params
 from conftest import ROOT
+
+from cmpipe.pipeline import params
 
 
 def write(tmp_path, mutate):

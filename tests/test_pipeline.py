@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -287,7 +286,7 @@ def test_torchrun_with_two_processes_gives_the_one_process_cache_and_trains(smok
     _reset(repo, env)
     before = json.loads((repo / "data/trajectories/cache.json").read_text())
     _set_params(repo, dist__nproc_per_node=2)
-    r = run([sys.executable, "-m", "cmpipe.launch", "stages.trajectories"], repo, env)
+    r = run([sys.executable, "-m", "cmpipe.pipeline.launch", "stages.trajectories"], repo, env)
     assert "torch.distributed.run --nproc_per_node=2" in r.stderr
     after = json.loads((repo / "data/trajectories/cache.json").read_text())
     assert [s["sha256"] for s in after["shards"]] == [s["sha256"] for s in before["shards"]]

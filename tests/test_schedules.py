@@ -4,8 +4,15 @@ import math
 import pytest
 import torch
 
-from cmpipe.karras import karras_sigmas
-from cmpipe.schedules import ct_mu, ct_num_scales, ict_num_scales, ict_weight, lognormal_index_probs
+from cmpipe.cm.karras import karras_sigmas
+from cmpipe.cm.losses import l2
+from cmpipe.cm.schedules import (
+    ct_mu,
+    ct_num_scales,
+    ict_num_scales,
+    ict_weight,
+    lognormal_index_probs,
+)
 
 
 def test_ct_num_scales_and_mu_at_start_middle_end():
@@ -45,8 +52,9 @@ def test_ict_weight():
 def test_ct_loss_by_hand():
     from types import SimpleNamespace
 
-    from cmpipe.consistency_training import ct_loss, sample_pair_indices
-    from cmpipe.networks import ConsistencyFunction
+    from cmpipe.cm.losses import ct_loss
+    from cmpipe.cm.precond import ConsistencyFunction
+    from cmpipe.cm.schedules import sample_pair_indices
 
     class Zero(torch.nn.Module):  # F = 0, so f(x, sigma) = c_skip(sigma) x
         def forward(self, x, t):
@@ -60,10 +68,10 @@ def test_ct_loss_by_hand():
     cs = lambda s: 0.25 / ((s - 0.002) ** 2 + 0.25)
     a = [cs(1.0) * (xi + 1.0 * zi) for xi, zi in [(0.5, 1.0), (-0.5, 2.0)]]
     b = [cs(0.5) * (xi + 0.5 * zi) for xi, zi in [(0.5, 1.0), (-0.5, 2.0)]]
-    l2 = sum((p - q) ** 2 for p, q in zip(a, b)) / 2
-    assert ct_loss(f, f, x, z, n, sigmas, "l2").item() == pytest.approx(l2, rel=1e-5)
+    want = sum((p - q) ** 2 for p, q in zip(a, b)) / 2
+    assert ct_loss(f, f, x, z, n, sigmas, l2).item() == pytest.approx(want, rel=1e-5)
     # iCT weighting lambda = 1/|sigma_n - sigma_{n+1}| = 2
-    assert ct_loss(f, f, x, z, n, sigmas, "l2", weighting="ict").item() == pytest.approx(2 * l2, rel=1e-5)
+    assert ct_loss(f, f, x, z, n, sigmas, l2, weighting="ict").item() == pytest.approx(2 * want, rel=1e-5)
     g = torch.Generator().manual_seed(0)
     idx = sample_pair_indices(karras_sigmas(11), 4000, g, "lognormal")
     p = lognormal_index_probs(karras_sigmas(11))
@@ -72,7 +80,7 @@ def test_ct_loss_by_hand():
 
 
 def test_ct_schedule_switches():
-    from cmpipe.consistency_training import CTSchedule
+    from cmpipe.cm.schedules import CTSchedule
 
     ct = CTSchedule(K=1000, num_scales="ct", mu_schedule="ct", ct_mu0=0.9)
     assert [ct.N(0), ct.N(500), ct.N(1000)] == [2, 107, 151]
@@ -87,8 +95,8 @@ def test_ct_schedule_switches():
 
 
 def test_cd_loss_ict_weighting_by_hand():
-    from cmpipe.distillation import cd_loss
-    from cmpipe.karras import Sigmas
+    from cmpipe.cm.karras import Sigmas
+    from cmpipe.cm.losses import cd_loss
 
     class Scale(torch.nn.Module):  # f(x, sigma) = a x: enough to check lambda and d by hand
         def __init__(self, a):
@@ -105,6 +113,6 @@ def test_cd_loss_ict_weighting_by_hand():
     x_next = torch.tensor([2.0, 3.0]).reshape(2, 1, 1, 1).expand(2, 1, 1, 2)  # target: 2, then 3
     d = torch.tensor([0.0, 1.0])                        # l2 = mean over pixels of (2 - target)^2
     lam = 1 / (grid[n] - grid[n + 1]).abs()
-    got = cd_loss(Scale(2.0), Scale(1.0), n, x_n, x_next, sig, "l2", weighting="ict")
+    got = cd_loss(Scale(2.0), Scale(1.0), n, x_n, x_next, sig, l2, weighting="ict")
     assert got.item() == pytest.approx((lam * d).mean().item(), rel=1e-6)
-    assert cd_loss(Scale(2.0), Scale(1.0), n, x_n, x_next, sig, "l2").item() == pytest.approx(0.5)
+    assert cd_loss(Scale(2.0), Scale(1.0), n, x_n, x_next, sig, l2).item() == pytest.approx(0.5)

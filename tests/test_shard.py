@@ -16,16 +16,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import Boom as _Boom
 from PIL import Image
 
-from cmpipe.data import (DataError, ShardError, decode_pngs, decode_sample, encode_png,
-                         load_image_split, load_source, read_idx, read_manifest, read_records,
-                         read_source, sha256_file, shard_paths, transform_images, write_dataset,
-                         write_shards)
-import cmpipe.data.shards as shards_module
-from cmpipe.data.shards import _unfilter
+import cmpipe.data.manifest as manifest_module
+from cmpipe.data import (
+    DataError,
+    ShardError,
+    decode_pngs,
+    decode_sample,
+    encode_png,
+    load_image_split,
+    load_source,
+    read_idx,
+    read_manifest,
+    read_records,
+    read_source,
+    sha256_file,
+    shard_paths,
+    transform_images,
+    write_dataset,
+    write_shards,
+)
+from cmpipe.data.png import _unfilter
 from cmpipe.data.sources import FASHION_MNIST_CLASSES, list_splits
-from conftest import Boom as _Boom
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -330,7 +344,7 @@ def test_manifest_counts_shape_and_checksums(tmp_path, monkeypatch):
     assert np.array_equal(labels.numpy(), data.splits["train"].labels)
     part, part_labels = load_image_split(manifest_path, split="train", limit=9)  # crosses a shard
     assert np.array_equal(part.numpy(), images.numpy()[:9]) and len(part_labels) == 9
-    monkeypatch.setattr(shards_module, "_LOAD_BATCH", 3)  # decode batches that split a shard
+    monkeypatch.setattr(manifest_module, "_LOAD_BATCH", 3)  # decode batches that split a shard
     small, small_labels = load_image_split(manifest_path, split="train")
     assert np.array_equal(small.numpy(), images.numpy()) and np.array_equal(small_labels, labels)
     with pytest.raises(ShardError, match="no role 'test'"):
@@ -503,7 +517,7 @@ def test_stage_refuses_a_missing_role_split(tmp_path, monkeypatch, capsys):
     work = _stage_params(tmp_path / "work", source="npz", path=str(path), resolution=6)
     monkeypatch.chdir(work)
     monkeypatch.syspath_prepend(str(REPO))
-    from cmpipe.stage import run_stage
+    from cmpipe.pipeline.stage import run_stage
     from stages import shard as stage
     with pytest.raises(SystemExit, match=r"shard\.ref_split = 'test' is not a split.*available: train"):
         run_stage("shard", stage.main)

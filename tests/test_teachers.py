@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import save_ddpm_dir, tiny_unet
 
 from cmpipe import networks
-from cmpipe.diffusers_io import DiffusersEpsTeacher
-from cmpipe.networks import CheckpointError, EDMDenoiser
-from cmpipe.params import ParamsError
+from cmpipe.cm.precond import DiffusersEpsTeacher, EDMDenoiser
+from cmpipe.networks import CheckpointError
+from cmpipe.pipeline.params import ParamsError
 from cmpipe.teachers import adopt_diffusers_teacher, load_teacher, load_teacher_file
-from conftest import save_ddpm_dir, tiny_unet
 
 RES = 8
 

@@ -6,7 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmpipe.training import EpochSampler, TrainConfig, atomic_save, ema_update, seeded_generator, train
+from cmpipe.pipeline.config import train_config_from
+from cmpipe.training import EpochSampler, TrainConfig, ema_update, train
+from cmpipe.util.fileio import atomic_save
+from cmpipe.util.seeding import seeded_generator
 
 DATA = torch.randn(40, 3)
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -101,12 +104,12 @@ def test_warmup_schedule():
 
 
 def test_config_from_a_params_section():
-    from cmpipe import params
+    from cmpipe.pipeline import params
 
     y = params.read_params(REPO_PARAMS)
     for section in ("teacher", "distill"):
         s = params.validate_section(section, y[section])
-        cfg = TrainConfig.from_params(s, section, log_every=7)
+        cfg = train_config_from(s, section, log_every=7)
         assert (cfg.images, cfg.batch_size, cfg.lr, cfg.optimizer) == (s.images, s.batch_size, s.lr, s.optimizer)
         assert cfg.ema_decays == {"ema": s.ema_decay} and cfg.seed == s.seed and cfg.name == section
         assert cfg.log_every == 7 and cfg.checkpoint_every == s.checkpoint_every  # overrides win

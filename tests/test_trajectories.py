@@ -1,9 +1,10 @@
 """The trajectory cache: per-pair randomness, independence of the batch size, shard round trip."""
 import torch
 
+from cmpipe.cm.karras import Sigmas, heun_step
+from cmpipe.cm.precond import EDMDenoiser
 from cmpipe.data import write_shards
-from cmpipe.karras import Sigmas, heun_step
-from cmpipe.networks import EDMDenoiser, build_unet, unet_config
+from cmpipe.networks import build_unet, unet_config
 from cmpipe.trajectories import compute_pairs, load_pairs, pair_randomness
 
 
@@ -45,7 +46,7 @@ def test_cd_setup_refuses_a_missing_or_foreign_cache_before_loading_the_teacher(
     import pytest
 
     from cmpipe.data import ShardError
-    from cmpipe.distillation import cd_setup
+    from cmpipe.pipeline.setups import cd_setup
 
     d = SimpleNamespace(batch_size=4, seed=0, huber_c=None, weighting="uniform")
     absent_teacher = tmp_path / "no-teacher.pt"  # never read: the cache is checked first
@@ -57,7 +58,10 @@ def test_cd_setup_refuses_a_missing_or_foreign_cache_before_loading_the_teacher(
         cd_setup(d, Sigmas(), False, "cpu", "l2", cache_dir=tmp_path / "c", teacher_path=absent_teacher)
 
 
-def test_resolve_metric_passes_pixel_metrics_by_name():
-    from cmpipe.losses import resolve_metric
+def test_resolve_metric_binds_the_pixel_distances():
+    from cmpipe.cm.losses import PseudoHuber, l1, l2
+    from cmpipe.pipeline.config import resolve_metric
 
-    assert [resolve_metric(m) for m in ("l2", "l1", "pseudo_huber")] == ["l2", "l1", "pseudo_huber"]
+    assert [resolve_metric(m) for m in ("l2", "l1")] == [l2, l1]
+    assert resolve_metric("pseudo_huber") == PseudoHuber(None)
+    assert resolve_metric("pseudo_huber", huber_c=0.03) == PseudoHuber(0.03)

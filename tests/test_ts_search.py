@@ -70,7 +70,7 @@ def test_the_given_ts_stays_unless_the_search_beats_it_with_confidence():
 def test_fid_of_few_samples_equals_the_full_formula():
     import numpy as np
 
-    from cmpipe.evaluation import feature_stats, fid, fid_few
+    from cmpipe.metrics.fid import feature_stats, fid, fid_few
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40))
@@ -83,7 +83,7 @@ def test_fid_of_few_samples_equals_the_full_formula():
 def test_paired_win_rate():
     import numpy as np
 
-    from cmpipe.evaluation import feature_stats
+    from cmpipe.metrics.fid import feature_stats
     from cmpipe.ts_search import paired_win_rate
 
     rng = np.random.default_rng(1)

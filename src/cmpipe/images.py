@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .fileio import atomic_write_bytes
+from cmpipe.util.fileio import atomic_write_bytes
 
 
 def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:

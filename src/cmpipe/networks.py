@@ -92,99 +92,6 @@ def build_unet(config: dict) -> nn.Module:
     return UNet2DModel(**config)
 
 
-def c_noise(sigma: torch.Tensor) -> torch.Tensor:
-    """Time input of the network: 1000 * 0.25 * ln(sigma + 1e-44) (openai/diffusers CM)."""
-    return 1000 * 0.25 * torch.log(sigma + 1e-44)
-
-
-class Preconditioned(nn.Module):
-    """out = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))."""
-
-    def __init__(self, net: nn.Module, sigma_data: float):
-        super().__init__()
-        self.net = net
-        self.sigma_data = float(sigma_data)
-
-    def scalings(self, sigma: torch.Tensor):  # -> c_skip, c_out, c_in
-        raise NotImplementedError
-
-    @property
-    def num_classes(self) -> int | None:
-        return getattr(getattr(self.net, "config", None), "num_class_embeds", None)
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        sigma = sigma.reshape(-1).float()
-        check_labels(self.num_classes, class_labels, x.shape[0])
-        c_skip, c_out, c_in = (c.reshape(-1, 1, 1, 1) for c in self.scalings(sigma))
-        extra = {} if class_labels is None else {"class_labels": class_labels}
-        F = self.net((c_in * x).to(x.dtype), c_noise(sigma), **extra).sample
-        return (c_skip * x + c_out * F.float()).to(x.dtype)
-
-    def with_labels(self, class_labels: torch.Tensor | None) -> "Labelled | Preconditioned":
-        """This model as a function of (x, sigma) alone, for the samplers and losses."""
-        return self if class_labels is None else Labelled(self, class_labels)
-
-
-def check_labels(num_classes: int | None, class_labels: torch.Tensor | None, batch: int):
-    if num_classes is None:
-        if class_labels is not None:
-            raise ValueError("class labels were given to an unconditional model (its UNet has no class "
-                             "embedding); train with model.class_conditional: true to use labels")
-        return
-    if class_labels is None:
-        raise ValueError(f"this model is class-conditional ({num_classes} classes) and needs a label "
-                         f"per image (class_labels)")
-    # Shape only: a range check here would synchronise with the GPU on every call; labels are
-    # checked where they are made (the shards' manifest, the sampler's class choice).
-    if class_labels.shape != (batch,):
-        raise ValueError(f"class_labels has shape {tuple(class_labels.shape)}; expected ({batch},), one "
-                         f"label per image")
-
-
-class Labelled:
-    """A conditional model with its labels bound: called as model(x, sigma) like an unconditional one."""
-
-    def __init__(self, model: nn.Module, class_labels: torch.Tensor):
-        self.model, self.class_labels = model, class_labels
-
-    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        return self.model(x, sigma, self.class_labels.to(x.device))
-
-
-class EDMDenoiser(Preconditioned):
-    """D(x; sigma) of EDM: c_skip = sd^2/(s^2+sd^2), c_out = s sd / sqrt(s^2+sd^2)."""
-
-    def scalings(self, sigma):
-        sd = self.sigma_data
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sigma**2 + sd**2).sqrt()
-        return c_skip, c_out, c_in
-
-
-class ConsistencyFunction(Preconditioned):
-    """f(x, sigma) with c_skip = sd^2/((s-eps)^2+sd^2), c_out = (s-eps) sd / sqrt(s^2+sd^2).
-
-    At sigma = eps, c_skip = 1 and c_out = 0: the boundary condition f(x, eps) = x
-    holds exactly, whatever the network outputs.
-    """
-
-    def __init__(self, net: nn.Module, sigma_data: float, sigma_min: float):
-        super().__init__(net, sigma_data)
-        self.sigma_min = float(sigma_min)
-
-    def scalings(self, sigma):
-        sd, eps = self.sigma_data, self.sigma_min
-        c_skip = sd**2 / ((sigma - eps) ** 2 + sd**2)
-        c_out = (sigma - eps) * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sigma**2 + sd**2).sqrt()
-        return c_skip, c_out, c_in
-
-
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -199,7 +106,7 @@ class CheckpointError(ValueError):
 
 def save_model(path, kind: str, unet: dict, weights: dict, meta: dict | None = None):
     """Save `weights` (name -> state_dict, e.g. {"ema": ..., "model": ...}) atomically."""
-    from .training import atomic_save
+    from cmpipe.util.fileio import atomic_save
 
     atomic_save({"format": "cmpipe-model-1", "kind": kind, "unet": unet,
                  "weights": {k: {n: t.detach().cpu() for n, t in sd.items()} for k, sd in weights.items()},

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .diffusers_io import DiffusersEpsTeacher, load_diffusers_teacher
-from .networks import CheckpointError, EDMDenoiser, build_unet, load_network, save_model
-from .params import ParamsError
+from cmpipe.cm.precond import DiffusersEpsTeacher, EDMDenoiser
+from cmpipe.export.diffusers import load_diffusers_teacher
+from cmpipe.networks import CheckpointError, build_unet, load_network, save_model
+from cmpipe.pipeline.params import ParamsError
 
 TEACHER_KINDS = ("edm_teacher", "ddpm_teacher")
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -24,32 +23,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .accel import PLAIN, Accel, uncompiled
-from .distributed import SINGLE, Dist, all_reduce_mean, barrier, plain_state_dict, unwrap_ddp, wrap_ddp
+from cmpipe.distributed.accel import PLAIN, Accel, uncompiled
+from cmpipe.distributed.ddp import (
+    SINGLE,
+    Dist,
+    all_reduce_mean,
+    barrier,
+    plain_state_dict,
+    unwrap_ddp,
+    wrap_ddp,
+)
+from cmpipe.util.fileio import atomic_save
+from cmpipe.util.seeding import seeded_generator
 
 log = logging.getLogger(__name__)
-
-
-def fast_cpu_defaults():
-    # Denormal floats made the first CPU steps ~9x slower (DESIGN.md 4b).
-    torch.set_flush_denormal(True)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for (a *.device param) but no CUDA GPU is "
-                           "visible; set it to auto or cpu")
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def seeded_generator(*parts: int, device="cpu") -> torch.Generator:
-    """A generator whose seed is a hash of integers (seed, step, ...): independent streams."""
-    h = hashlib.sha256(json.dumps(list(map(int, parts))).encode()).digest()
-    g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
-    return g
 
 
 class EpochSampler:
@@ -99,17 +86,6 @@ class TrainConfig:
     name: str = "train"
     optimizer: str = "adam"  # adam | radam (Song et al. 2023 train CD and CT with RAdam)
 
-    @classmethod
-    def from_params(cls, section, name: str, **overrides) -> "TrainConfig":
-        """The loop of a params section with the training keys (`teacher`, `distill`): its
-        images, batch_size, lr, optimizer, warmup_images, grad_clip, seed, checkpoint_every,
-        log_every, and its ema_decay as the evaluation EMA "ema"."""
-        keys = dict(images=section.images, batch_size=section.batch_size, lr=section.lr,
-                    warmup_images=section.warmup_images, grad_clip=section.grad_clip,
-                    ema_decays={"ema": section.ema_decay}, checkpoint_every=section.checkpoint_every,
-                    log_every=section.log_every, seed=section.seed, name=name, optimizer=section.optimizer)
-        return cls(**{**keys, **overrides})
-
     @property
     def steps(self) -> int:
         return math.ceil(self.images / self.batch_size)
@@ -119,17 +95,6 @@ class TrainConfig:
         if self.warmup_images > 0 and seen < self.warmup_images:
             return self.lr * (seen + self.batch_size) / self.warmup_images
         return self.lr
-
-
-def atomic_save(obj, path: Path):
-    """torch.save through a temporary file: a kill or a full disk mid-write leaves the previous
-    checkpoint usable and no partial file."""
-    from .fileio import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        # Through a file object: given a path, torch.save names the archive inside the file
-        # after it, and the temporary name would make equal checkpoints differ byte-wise.
-        torch.save(obj, f)
 
 
 def _state_of(module: nn.Module) -> dict:
@@ -256,6 +221,3 @@ def _load_resume(path: Path):
         return None
 
 
-def fingerprint_of(*parts) -> str:
-    """A short hash of params and input hashes that decides whether a checkpoint may be resumed."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

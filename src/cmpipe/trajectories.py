@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import ShardError, read_records
-from .distributed import SINGLE, Dist, gather_in_order
-from .images import to_unit
-from .karras import Sigmas
-from .losses import teacher_heun_pair
-from .training import seeded_generator
+from cmpipe.cm.karras import Sigmas
+from cmpipe.cm.losses import teacher_heun_pair
+from cmpipe.data import ShardError, read_records
+from cmpipe.distributed.ddp import SINGLE, Dist, gather_in_order
+from cmpipe.images import to_unit
+from cmpipe.util.seeding import seeded_generator
 
 
 def pair_randomness(seed: int, i: int, num_images: int, num_scales: int, shape):

@@ -137,9 +137,9 @@ def search_ts_by_fid(f, sig, shape, max_steps: int, count: int, seed: int, batch
     """
     import logging
 
-    from . import evaluation
-    from .distributed import SINGLE, broadcast_object
-    from .sampling import cm_sampler, generate
+    from cmpipe.distributed.ddp import SINGLE, broadcast_object
+    from cmpipe.metrics import fid as evaluation
+    from cmpipe.sample_sets import cm_sampler, generate
 
     log = logging.getLogger(__name__)
     dist = dist or SINGLE

@@ -1,38 +1,34 @@
-"""Dataset readers: every source becomes uint8 images N×H×W×C plus int64 labels, per split.
+"""Source datasets: every source becomes uint8 images N×H×W×C plus int64 labels, per split.
 
-Sources (``shard.source`` in params.yaml):
-
-- ``fashion_mnist``: the gzip idx files of the Debian package ``dataset-fashion-mnist``
-  (``/usr/share/datasets/fashion-mnist``), read here directly: their gzip bytes differ from
-  torchvision's, so torchvision's md5 check would reject them. ``download: true`` falls back to
-  torchvision's downloader (needs the internet).
-- ``mnist``, ``cifar10``: a torchvision-style copy under ``path`` (``path/MNIST/raw/...``,
-  ``path/cifar-10-batches-py/...``), or a torchvision download.
-- ``image_folder``: ``path/<class>/**/*.png|jpg|jpeg`` is one split ``train``; a folder with
-  ``train/`` and ``test/`` subfolders holds one split per subfolder, each laid out by class.
-- ``npz``: arrays ``images`` (N×H×W or N×H×W×C, uint8), optional ``labels`` and
-  ``class_names``; one split ``train``.
-
-Every reader fails with a `DataError` that names the missing or bad input and says how to fix it.
-`load_source` is what the shard stage calls: read, keep the first ``limit`` images of each split,
-and convert to the requested resolution and channels.
+`load_source` is what the shard stage calls. The readers of the array datasets live here, the
+others in image_folder.py and npz.py; each fails with a `DataError` naming the input and the fix.
 """
 from __future__ import annotations
 
 import gzip
 import logging
-import os
-import zipfile
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+
+from cmpipe.data.base import DataError, SourceData, Split
+from cmpipe.data.image_folder import _image_folder_splits, _read_image_folder
+from cmpipe.data.npz import _read_npz
+from cmpipe.data.transforms import _check_target, transform_images
 
 log = logging.getLogger(__name__)
 
+
+# shard.source in params.yaml:
+# - fashion_mnist: the gzip idx files of the Debian package dataset-fashion-mnist
+#   (/usr/share/datasets/fashion-mnist), read here directly: their gzip bytes differ from
+#   torchvision's, so torchvision's md5 check would reject them. `download: true` falls back to
+#   torchvision's downloader (needs the internet).
+# - mnist, cifar10: a torchvision-style copy under `path` (path/MNIST/raw/...,
+#   path/cifar-10-batches-py/...), or a torchvision download.
+# - image_folder (image_folder.py), npz (npz.py).
 SOURCES = ("fashion_mnist", "mnist", "cifar10", "image_folder", "npz")
 
 FASHION_MNIST_CLASSES = [
@@ -41,113 +37,8 @@ FASHION_MNIST_CLASSES = [
 ]
 # split name -> file prefix of the idx files (the test split is called t10k on disk)
 FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 APT_HINT = "sudo apt-get install dataset-fashion-mnist"
-
-
-class DataError(ValueError):
-    """A source dataset is missing, unreadable or malformed (the message names it and the fix)."""
-
-
-@dataclass
-class Split:
-    images: np.ndarray  # uint8, N×H×W×C
-    labels: np.ndarray  # int64, N
-
-    def __post_init__(self):
-        assert self.images.dtype == np.uint8 and self.images.ndim == 4, self.images.shape
-        assert self.labels.dtype == np.int64 and self.labels.shape == (len(self.images),)
-
-
-@dataclass
-class SourceData:
-    name: str
-    class_names: list[str]
-    splits: dict[str, Split] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- transforms
-
-def _check_target(resolution: int, resize_mode: str, channels: int):
-    if resize_mode not in ("resize", "pad"):
-        raise DataError(f"resize_mode {resize_mode!r} must be 'resize' or 'pad'")
-    if channels not in (1, 3):
-        raise DataError(f"channels {channels!r} must be 1 or 3")
-    if resolution < 1:
-        raise DataError(f"resolution {resolution!r} must be positive")
-
-
-def _pil(img: np.ndarray) -> Image.Image:
-    return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-
-
-def _to_channels_pil(im: Image.Image, channels: int) -> Image.Image:
-    # 'L' is PIL's ITU-R 601-2 luma; gray -> RGB repeats the channel.
-    return im.convert("L" if channels == 1 else "RGB")
-
-
-def _resize_pil(im: Image.Image, resolution: int) -> Image.Image:
-    w, h = im.size
-    if w != h:
-        # A non-square image is centre-cropped to its largest square first, so `resize` never
-        # changes the aspect ratio of what is drawn (the usual preparation of image datasets).
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        im = im.crop((left, top, left + s, top + s))
-    if im.size != (resolution, resolution):
-        im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    return im
-
-
-def _pad_array(images: np.ndarray, resolution: int, what: str) -> np.ndarray:
-    """Centre zero padding of N×H×W×C to N×R×R×C (the extra pixel of an odd margin goes last)."""
-    _, h, w, _ = images.shape
-    if h > resolution or w > resolution:
-        raise DataError(f"{what}: an image of {h}×{w} pixels does not fit resolution {resolution} "
-                        f"with resize_mode: pad (padding never shrinks); set shard.resize_mode: resize "
-                        f"or shard.resolution >= {max(h, w)}")
-    if h == resolution and w == resolution:
-        return images
-    top, left = (resolution - h) // 2, (resolution - w) // 2
-    return np.pad(images, ((0, 0), (top, resolution - h - top), (left, resolution - w - left), (0, 0)))
-
-
-def transform_images(images: np.ndarray, resolution: int, resize_mode: str, channels: int,
-                     what: str = "images") -> np.ndarray:
-    """uint8 N×H×W×C -> uint8 N×R×R×channels (resize: bicubic; pad: centre, zero padding)."""
-    _check_target(resolution, resize_mode, channels)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DataError(f"{what}: expected uint8 N×H×W×C with C = 1 or 3, got {images.dtype} "
-                        f"{tuple(images.shape)}")
-    n, h, w, c = images.shape
-    if resize_mode == "pad":
-        images = _pad_array(images, resolution, what)
-    elif (h, w) != (resolution, resolution):
-        out = np.empty((n, resolution, resolution, c), np.uint8)
-        for i, img in enumerate(images):
-            im = _resize_pil(_pil(img), resolution)
-            out[i] = np.asarray(im).reshape(resolution, resolution, c)
-        images = out
-    if images.shape[-1] == channels:
-        return np.ascontiguousarray(images)
-    if channels == 3:  # gray -> RGB: repeat the channel
-        return np.ascontiguousarray(np.repeat(images, 3, axis=-1))
-    out = np.empty(images.shape[:3] + (1,), np.uint8)
-    for i, img in enumerate(images):  # RGB -> gray through PIL's 'L' (same luma as elsewhere)
-        out[i, ..., 0] = np.asarray(_pil(img).convert("L"))
-    return out
-
-
-def transform_image_file(im: Image.Image, resolution: int, resize_mode: str, channels: int,
-                         what: str) -> np.ndarray:
-    """One decoded PIL image (any mode, any size) -> uint8 R×R×channels."""
-    im = _to_channels_pil(im, channels)
-    if resize_mode == "resize":
-        arr = np.asarray(_resize_pil(im, resolution))
-        return arr.reshape(resolution, resolution, channels)
-    arr = np.asarray(im).reshape(im.size[1], im.size[0], channels)
-    return _pad_array(arr[None], resolution, what)[0]
 
 
 # ----------------------------------------------------------------------------- idx (Fashion-MNIST)
@@ -282,151 +173,6 @@ def _read_torchvision(source: str, path: Path, download: bool, limit: int | None
             out = SourceData(source, [str(c) for c in ds.classes])
         out.splits[split] = Split(np.ascontiguousarray(data[:limit], dtype=np.uint8),
                                   targets[:limit].astype(np.int64))
-    return out
-
-
-# ----------------------------------------------------------------------------- image folder
-
-def _visible(p: Path) -> bool:
-    # Hidden entries (.DS_Store, .ipynb_checkpoints, .gitkeep) are tooling debris, not data.
-    return not p.name.startswith(".")
-
-
-def _subdirs(d: Path) -> list[Path]:
-    return sorted((p for p in d.iterdir() if _visible(p) and p.is_dir()), key=lambda p: p.name)
-
-
-def _image_folder_splits(root: Path) -> dict[str, Path]:
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist or is not a folder; set shard.path to a "
-                        f"folder of class subfolders holding PNG/JPEG images")
-    subs = _subdirs(root)
-    names = {p.name for p in subs}
-    if {"train", "test"} <= names:
-        # A split layout: every subfolder is a split (train, test, and e.g. val), each by class.
-        for p in sorted(root.iterdir()):
-            if _visible(p) and not p.is_dir():
-                raise DataError(f"{p}: a file next to the split folders of {root}; move it into "
-                                f"a class folder of a split (e.g. {root / 'train' / '<class>'})")
-        return {p.name: p for p in subs}
-    return {"train": root}
-
-
-def _class_files(split_dir: Path) -> dict[str, list[Path]]:
-    """class name -> sorted image files (any depth) under split_dir/<class>/."""
-    for p in sorted(split_dir.iterdir()):
-        if _visible(p) and not p.is_dir():
-            raise DataError(f"{p}: images must sit in class subfolders of {split_dir} "
-                            f"(e.g. {split_dir / '<class>' / p.name}); the subfolder name is the label")
-    out = {}
-    for cdir in _subdirs(split_dir):
-        files = []
-        # Sorted walk (dirs and files) so the image order, and so the shards, never depend on
-        # the file system's listing order.
-        for dirpath, dirnames, filenames in os.walk(cdir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                f = Path(dirpath) / name
-                if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                    raise DataError(f"{f}: not a PNG/JPEG image (extension {f.suffix or 'none'}); "
-                                    f"remove it from the image folder {split_dir}")
-                files.append(f)
-        out[cdir.name] = files
-    return out
-
-
-def _read_image_file(f: Path, resolution: int, resize_mode: str, channels: int) -> np.ndarray:
-    try:
-        with Image.open(f) as im:
-            im.load()
-            return transform_image_file(im, resolution, resize_mode, channels, what=str(f))
-    except DataError:
-        raise
-    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError)
-        raise DataError(f"{f}: unreadable image ({type(e).__name__}: {e}); replace or remove the file")
-
-
-def _read_image_folder(path: Path, limit: int | None, resolution: int, resize_mode: str,
-                       channels: int) -> SourceData:
-    split_dirs = _image_folder_splits(path)
-    per_split = {s: _class_files(d) for s, d in split_dirs.items()}
-    # One label space for all splits: the sorted union of class folder names.
-    class_names = sorted(set().union(*(set(c) for c in per_split.values())))
-    if not class_names:
-        raise DataError(f"image folder {path} is empty: no class subfolders with PNG/JPEG images; "
-                        f"lay it out as {path / '<class>' / '<image>.png'}")
-    out = SourceData("image_folder", class_names)
-    for split, classes in per_split.items():
-        items = [(f, class_names.index(c)) for c in sorted(classes) for f in classes[c]]
-        for c, files in classes.items():
-            if not files:
-                log.warning("class folder %s holds no images", split_dirs[split] / c)
-        if not items:
-            raise DataError(f"image folder {split_dirs[split]} (split {split}) is empty: no PNG/JPEG "
-                            f"images in its class subfolders")
-        items = items[:limit]
-        images = np.empty((len(items), resolution, resolution, channels), np.uint8)
-        for i, (f, _) in enumerate(items):
-            images[i] = _read_image_file(f, resolution, resize_mode, channels)
-        labels = np.array([y for _, y in items], np.int64)
-        out.splits[split] = Split(images, labels)
-    return out
-
-
-# ----------------------------------------------------------------------------- npz
-
-def _read_npz(path: Path, limit: int | None) -> SourceData:
-    if not path.is_file():
-        raise DataError(f"npz file {path} does not exist; set shard.path to an .npz file holding an "
-                        f"'images' array (N×H×W or N×H×W×C, uint8)")
-    try:
-        z = np.load(path, allow_pickle=False)  # never unpickle: a crafted file could run code
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path}: cannot read it as .npz ({e}); write it with np.savez(path, images=...)")
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: holds a single .npy array, not an .npz archive; write it with "
-                        f"np.savez(path, images=..., labels=...)")
-    with z:
-        if "images" not in z.files:
-            raise DataError(f"{path}: no array named 'images' (arrays: {', '.join(z.files) or 'none'}); "
-                            f"write it with np.savez(path, images=..., labels=...)")
-        try:
-            images = z["images"]
-            labels = z["labels"] if "labels" in z.files else None
-            names = z["class_names"] if "class_names" in z.files else None
-        except ValueError as e:  # object arrays refuse to load without pickle
-            raise DataError(f"{path}: {e} (object arrays are refused: store plain numeric arrays)")
-    if images.dtype != np.uint8:
-        raise DataError(f"{path}: 'images' has dtype {images.dtype}; expected uint8 in 0..255 "
-                        f"(convert with np.clip(x * 255, 0, 255).round().astype(np.uint8))")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or 0 in images.shape:
-        raise DataError(f"{path}: 'images' has shape {tuple(images.shape)}; expected N×H×W (gray) "
-                        f"or N×H×W×C with C = 1 or 3 and N, H, W > 0")
-    n = len(images)
-    if labels is None:
-        labels = np.zeros(n, np.int64)
-    else:
-        if labels.ndim != 1 or len(labels) != n or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"{path}: 'labels' must be a 1-D integer array of length {n} (one per "
-                            f"image); got {labels.dtype} {tuple(labels.shape)}")
-        if labels.min() < 0:
-            raise DataError(f"{path}: 'labels' holds a negative value ({labels.min()})")
-        labels = labels.astype(np.int64)
-    n_classes = int(labels.max()) + 1
-    if names is None:
-        class_names = [str(i) for i in range(n_classes)]
-    else:
-        if names.ndim != 1 or names.dtype.kind not in "US" or len(names) < n_classes:
-            raise DataError(f"{path}: 'class_names' must be a 1-D string array with at least "
-                            f"{n_classes} names (labels go up to {n_classes - 1}); got {names.dtype} "
-                            f"{tuple(names.shape)}")
-        class_names = [str(s) for s in names.tolist()]
-    out = SourceData("npz", class_names)
-    out.splits["train"] = Split(np.ascontiguousarray(images[:limit]), labels[:limit])
     return out
 
 

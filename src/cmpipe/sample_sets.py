@@ -15,17 +15,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .images import to_uint8
-from .karras import Sigmas, sample_euler, sample_heun
-from .distributed import SINGLE, Dist, gather_in_order
-from .training import seeded_generator
-
-
-def per_sample_randn(seed: int, indices, shape, *stream: int) -> torch.Tensor:
-    """Standard normal noise of `shape` for each global sample index, from (seed, index, *stream)."""
-    return torch.stack([torch.randn(shape, generator=seeded_generator(seed, int(i), *stream))
-                        for i in indices])
-
+from cmpipe.cm.editing import Constraint, edit
+from cmpipe.cm.karras import Sigmas, sample_euler, sample_heun
+from cmpipe.cm.sampling import consistency_sample
+from cmpipe.distributed.ddp import SINGLE, Dist, gather_in_order
+from cmpipe.images import to_uint8
+from cmpipe.util.seeding import per_sample_randn, seeded_generator
 
 # The generator stream of a sample's class label, apart from its noises (streams 0, 1, 2, ...).
 LABEL_STREAM = 1_000_003
@@ -66,40 +61,6 @@ def preview_plan(num_classes: int | None, per_row: int = 8) -> tuple[int, Labels
 def bind_labels(model, labels: Labels | None, idx, device):
     """`model` as a function of (x, sigma) with the labels of samples `idx` bound, if any."""
     return model if labels is None else model.with_labels(labels(idx).to(device))
-
-
-def default_ts(steps: int, num_scales: int) -> list[int]:
-    """Evenly spaced grid indices [0, ...] for a `steps`-step sampler (when params give none)."""
-    return [round(i * (num_scales - 1) / steps) for i in range(steps)]
-
-
-def check_ts(ts: list[int], num_scales: int, what: str = "sample.ts"):
-    if not ts or ts[0] != 0 or any(b <= a for a, b in zip(ts, ts[1:])) or ts[-1] > num_scales - 1:
-        raise ValueError(f"{what} = {ts} must start at 0 and increase strictly up to at most "
-                         f"{num_scales - 1} (the last index of the {num_scales}-point grid, "
-                         f"diffusion.num_scales)")
-
-
-@torch.no_grad()
-def consistency_sample(f, noise: torch.Tensor, sig: Sigmas, ts: list[int],
-                       renoise: Callable[[int], torch.Tensor]) -> torch.Tensor:
-    """Multistep consistency sampling (Song et al. 2023, Algorithm 1).
-
-    x = sigma_max z; x0 = f(x, sigma_max); for each further grid index t:
-    x = x0 + sqrt(sigma_t^2 - eps^2) z_t, x0 = f(x, sigma_t). Each x0 is clipped
-    to [-1, 1], as openai/consistency_models and diffusers do. `renoise(k)` gives
-    the fresh noise z of step k >= 1.
-    """
-    grid = sig.grid()
-    x0 = None
-    for k, t in enumerate(ts):
-        sigma = float(grid[t])
-        if k == 0:
-            x = noise * sigma
-        else:
-            x = x0 + (sigma**2 - sig.sigma_min**2) ** 0.5 * renoise(k).to(x0)
-        x0 = f(x, torch.full((x.shape[0],), sigma, device=x.device)).clamp(-1, 1)
-    return x0
 
 
 def generate(sample_batch: Callable[[torch.Tensor, list[int]], torch.Tensor], count: int,
@@ -154,3 +115,12 @@ def euler_sampler(denoise, sig: Sigmas, nfe: int, labels: Labels | None = None):
         with torch.no_grad():
             return sample_euler(bind_labels(denoise, labels, idx, noise.device), noise, sig, nfe).clamp(-1, 1)
     return sample_batch
+
+
+def edit_with_seed(f, y: torch.Tensor, constraint: Constraint | None, sig: Sigmas, ts: list[int], seed: int,
+                   stream: int, start: torch.Tensor | None = None) -> torch.Tensor:
+    """`edit` with the noise of image i drawn from (seed, i, stream, step): batch-size independent."""
+    from cmpipe.util.seeding import per_sample_randn
+
+    idx = range(len(y))
+    return edit(f, y, constraint, sig, ts, lambda k: per_sample_randn(seed, idx, y.shape[1:], stream, k), start)

@@ -45,12 +45,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see stages/__init__.py
 
 import torch  # noqa: E402
 
-from . import params as params_mod  # noqa: E402
-from .distillation import cd_loss, cd_loss_online, student_from_teacher  # noqa: E402
-from .karras import Sigmas  # noqa: E402
-from .losses import teacher_heun_pair  # noqa: E402
-from .networks import EDMDenoiser, build_unet, count_parameters, unet_config  # noqa: E402
-from .training import ema_update, fast_cpu_defaults, pick_device  # noqa: E402
+from cmpipe.cm.karras import Sigmas  # noqa: E402
+from cmpipe.cm.losses import (  # noqa: E402
+    cd_loss,
+    cd_loss_online,
+    teacher_heun_pair,  # noqa: E402
+)
+from cmpipe.cm.precond import (
+    EDMDenoiser,  # noqa: E402
+    student_from_teacher,  # noqa: E402
+)
+from cmpipe.distributed.device import fast_cpu_defaults, pick_device  # noqa: E402
+from cmpipe.networks import build_unet, count_parameters, unet_config  # noqa: E402
+from cmpipe.pipeline import params as params_mod  # noqa: E402
+from cmpipe.training import ema_update  # noqa: E402
 
 
 def _peak_rss_mb() -> float:
@@ -96,7 +104,7 @@ def _r(v: float, nd: int = 3) -> float:
 def _metric(name: str, lpips_resize: int | None, dev):
     if name != "lpips":
         return name
-    from .lpips import load_lpips
+    from cmpipe.metrics.lpips import load_lpips
 
     return load_lpips("alex", resize=lpips_resize, device=dev)
 
@@ -175,7 +183,7 @@ MANIFEST = Path("data/shards/manifest.json")
 
 def _shard_files(shards) -> tuple[list[Path], tuple | None]:
     """(shard files, (C, H, W) or None) from --shards: shard files, or a manifest (its train split)."""
-    from .data import read_manifest, shard_paths
+    from cmpipe.data import read_manifest, shard_paths
 
     shards = [Path(s) for s in (shards or [])]
     if not shards:
@@ -198,8 +206,8 @@ def loader(batch_size: int | None = None, steps: int = 5, params_file: str = "pa
     of the same size, from its start (persistent workers, so no process start-up; the time to the
     first batch, which fills the shuffle buffer, is counted). The ratio is loader / step.
     """
-    from .loader import image_loader
-    from .losses import edm_loss
+    from cmpipe.bench.loader import image_loader
+    from cmpipe.cm.losses import edm_loss
 
     fast_cpu_defaults()
     dev = pick_device(device)
@@ -277,7 +285,7 @@ def trajectories(batch_size: int | None = None, steps: int = 3, params_file: str
     """Cache pairs/s (`pair_batch` over batches) against the teacher's forward images/s / 2."""
     import contextlib
 
-    from .trajectories import pair_batch
+    from cmpipe.trajectories import pair_batch
 
     fast_cpu_defaults()
     dev = pick_device(device)
@@ -334,8 +342,10 @@ def sampling(batch_size: int | None = None, steps: int = 2, params_file: str = "
     times them (the initial noise drawn outside); the three alternate batch by batch. The limit
     of a ratio is the ratio of network evaluations (35 / 1 and 35 / 2).
     """
-    from .karras import heun_nfe_to_steps
-    from .sampling import cm_sampler, default_ts, heun_sampler, per_sample_randn
+    from cmpipe.cm.karras import heun_nfe_to_steps
+    from cmpipe.cm.sampling import default_ts
+    from cmpipe.sample_sets import cm_sampler, heun_sampler
+    from cmpipe.util.seeding import per_sample_randn
 
     fast_cpu_defaults()
     dev = pick_device(device)
@@ -407,7 +417,7 @@ def _scaling_worker(rank: int, world: int, init_file: str, out_dir: str, cfg: di
 
     import torch.distributed as td
 
-    from .distributed import Dist, wrap_ddp
+    from cmpipe.distributed.ddp import Dist, wrap_ddp
 
     torch.set_num_threads(cfg["threads"])
     fast_cpu_defaults()

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from . import assets
-from .fileio import atomic_savez
+from cmpipe.util.fileio import atomic_savez
+from cmpipe.weights import inception as assets
 
 log = logging.getLogger(__name__)
 

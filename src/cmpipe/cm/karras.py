@@ -31,10 +31,6 @@ class Sigmas:
         if self.num_scales < 2:
             raise ValueError("diffusion.num_scales must be at least 2")
 
-    @classmethod
-    def from_params(cls, p) -> "Sigmas":
-        return cls(p.sigma_min, p.sigma_max, p.sigma_data, p.rho, p.num_scales)
-
     def grid(self, n: int | None = None) -> torch.Tensor:
         return karras_sigmas(n or self.num_scales, self.sigma_min, self.sigma_max, self.rho)
 

@@ -34,14 +34,23 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import params as params_mod
-from .diffusers_io import (DiffusersFormatError, is_diffusers_dir, load_consistency_dir, new_temp_dir_beside,
-                           publish_dir, resolve_sigmas)
-from .images import save_grid, to_uint8
-from .karras import Sigmas
-from .networks import CheckpointError, ConsistencyFunction, load_network
-from .sampling import class_labels, check_ts, cm_sampler, default_ts, per_sample_randn
-from .training import pick_device
+from cmpipe.cm.karras import Sigmas
+from cmpipe.cm.precond import ConsistencyFunction
+from cmpipe.cm.sampling import check_ts, default_ts
+from cmpipe.distributed.device import pick_device
+from cmpipe.export.diffusers import (
+    DiffusersFormatError,
+    is_diffusers_dir,
+    load_consistency_dir,
+    new_temp_dir_beside,
+    publish_dir,
+    resolve_sigmas,
+)
+from cmpipe.images import save_grid, to_uint8
+from cmpipe.networks import CheckpointError, load_network
+from cmpipe.pipeline import params as params_mod
+from cmpipe.sample_sets import class_labels, cm_sampler
+from cmpipe.util.seeding import per_sample_randn
 
 log = logging.getLogger("cmpipe.generate")
 GRID_IMAGES = 64
@@ -253,7 +262,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .training import fast_cpu_defaults
+    from cmpipe.distributed.device import fast_cpu_defaults
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     fast_cpu_defaults()  # as the sample stage does (run_stage), so the images match it

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import params
+from cmpipe.pipeline import params
 
 HEAVY = ("stages.teacher", "stages.trajectories", "stages.distill", "stages.sample", "stages.evaluate")
 

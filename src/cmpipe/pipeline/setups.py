@@ -1,7 +1,6 @@
 """Consistency distillation (Song et al. 2023, Algorithm 2) from cached or online teacher pairs."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -9,17 +8,25 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .accel import resident
-from .data import ShardError
-from .karras import Sigmas
-from .layout import TEACHER, TRAJECTORIES
-from .losses import consistency_loss, teacher_heun_pair
-from .networks import ConsistencyFunction, num_classes_of
-from .params import ParamsError
-from .schedules import ict_weight
-from .teachers import load_teacher_file
-from .training import EpochSampler
-from .trajectories import load_pairs
+from cmpipe.cm.karras import Sigmas
+from cmpipe.cm.losses import cd_loss, ct_loss
+from cmpipe.cm.precond import ConsistencyFunction, student_from_teacher
+from cmpipe.cm.schedules import CTSchedule, sample_pair_indices
+from cmpipe.data import ShardError, load_image_split, read_manifest
+from cmpipe.distributed.accel import resident
+from cmpipe.images import to_unit
+from cmpipe.networks import (
+    build_unet,
+    count_parameters,
+    model_num_classes,
+    num_classes_of,
+    unet_config,
+)
+from cmpipe.pipeline.layout import MANIFEST, TEACHER, TRAJECTORIES
+from cmpipe.pipeline.params import ParamsError
+from cmpipe.teachers import load_teacher_file
+from cmpipe.training import EpochSampler
+from cmpipe.trajectories import load_pairs
 
 log = logging.getLogger(__name__)
 
@@ -30,31 +37,6 @@ class ConsistencySetup(NamedTuple):
     unet: dict  # the student's UNet2DModel config, saved beside its weights
     loss_at: Callable  # (step, generator, target) -> the loss of the step's batch
     inputs: list  # hashes of the data the loss reads: part of the resume fingerprint
-
-
-def student_from_teacher(teacher_net: torch.nn.Module, sig: Sigmas) -> ConsistencyFunction:
-    """The student starts from the teacher's weights, with the boundary-condition scalings."""
-    return ConsistencyFunction(copy.deepcopy(teacher_net).requires_grad_(True), sig.sigma_data, sig.sigma_min)
-
-
-def cd_loss(student, target, n: torch.Tensor, x_n: torch.Tensor, x_next: torch.Tensor, sig: Sigmas,
-            metric, huber_c: float | None = None, weighting: str = "uniform") -> torch.Tensor:
-    """lambda(sigma_n) d(f_theta(x_n, sigma_n), f_theta^-(x_hat_{n+1}, sigma_{n+1})).
-
-    weighting 'uniform' is the paper's CD (lambda = 1); 'ict' is 1 / |sigma_n - sigma_{n+1}|.
-    """
-    grid = sig.grid().float().to(x_n.device)
-    s_n, s_next = grid[n], grid[n + 1]
-    weight = ict_weight(s_n, s_next) if weighting == "ict" else None
-    return consistency_loss(student, target, x_n, s_n, x_next, s_next, metric, huber_c, weight)
-
-
-def cd_loss_online(student, target, teacher, x: torch.Tensor, n: torch.Tensor, z: torch.Tensor,
-                   sig: Sigmas, metric, huber_c: float | None = None, weighting: str = "uniform") -> torch.Tensor:
-    """The same loss with the teacher's Heun step computed in the step (no cache)."""
-    grid = sig.grid().float().to(x.device)
-    x_n, x_next = teacher_heun_pair(teacher, x, z, grid[n], grid[n + 1])
-    return cd_loss(student, target, n, x_n, x_next, sig, metric, huber_c, weighting)
 
 
 def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slice | None = None,
@@ -94,7 +76,44 @@ def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slic
         j = i.to(xn_all.device)
         return cd_loss(student.with_labels(y), target.with_labels(y), n_all[j].to(device, non_blocking=True),
                        xn_all[j].to(device, non_blocking=True), xnext_all[j].to(device, non_blocking=True),
-                       sig, metric, d.huber_c, d.weighting)
+                       sig, metric, d.weighting)
 
     inputs = [[s["sha256"] for s in cache["shards"]], cache["teacher_sha256"]]
     return ConsistencySetup(student, ckpt["unet"], loss_at, inputs)
+
+
+def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric, part: slice | None = None,
+             manifest_path: Path = MANIFEST) -> ConsistencySetup:
+    """CT from the training images alone: the student starts from random weights (params `model`,
+    seeded by distill.seed) and step k uses the N(k)-point grid of `sched`.
+
+    Under torchrun the noise and pair indices are drawn for the global batch, and this rank
+    keeps its rows (`part`): the loss does not depend on the world size.
+    """
+    manifest = read_manifest(manifest_path)
+    c, h, _ = manifest["shape"]
+    images, labels = load_image_split(manifest_path, role="train")
+    num_classes = model_num_classes(model_params.class_conditional, manifest["class_names"])
+    cfg_unet = unet_config(model_params.block_out_channels, model_params.layers_per_block,
+                           model_params.attention_levels, model_params.dropout, h, c, num_classes)
+    torch.manual_seed(d.seed)  # the initial weights
+    student = ConsistencyFunction(build_unet(cfg_unet), sig.sigma_data, sig.sigma_min).to(device)
+    log.info("ct: %d training images, a %.2fM-parameter student from random weights; N(k) %d -> %d, "
+             "mu(k) %.4f -> %.4f", len(images), count_parameters(student) / 1e6, sched.N(0),
+             sched.N(sched.K), sched.mu_at(0), sched.mu_at(sched.K))
+    sampler = EpochSampler(len(images), d.batch_size, d.seed)
+
+    def loss_at(step, g, target):
+        sigmas = sig.grid(sched.N(step))
+        i = sampler.indices(step)
+        x = to_unit(images[i])
+        z = torch.randn(x.shape, generator=g)  # drawn for the global batch, whatever the world size
+        n = sample_pair_indices(sigmas, len(x), g, d.ct_index, d.ict_P_mean, d.ict_P_std)
+        if part is not None:
+            i, x, z, n = i[part], x[part], z[part], n[part]
+        y = labels[i].to(device) if num_classes else None
+        return ct_loss(student.with_labels(y), target.with_labels(y), x.to(device), z.to(device), n, sigmas,
+                       metric, d.weighting)
+
+    inputs = [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]]
+    return ConsistencySetup(student, cfg_unet, loss_at, inputs)

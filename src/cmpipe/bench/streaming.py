@@ -27,9 +27,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .data import ShardError, decode_member, decode_pngs
-from .data.shards import IMAGE_EXTS, READ_EXTS
-from .distributed import Dist
+from cmpipe.data import ShardError, decode_member, decode_pngs
+from cmpipe.data.shards import IMAGE_EXTS, READ_EXTS
+from cmpipe.distributed.ddp import Dist
 
 
 def _last_ext(ext: str) -> str:

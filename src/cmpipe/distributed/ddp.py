@@ -58,7 +58,7 @@ class Dist:
         return range(self.rank, num_batches, self.world)
 
     def device(self, name: str = "auto") -> torch.device:
-        from .training import pick_device
+        from cmpipe.distributed.device import pick_device
 
         dev = pick_device(name)
         if dev.type == "cuda" and self.enabled:

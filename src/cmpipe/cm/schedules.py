@@ -1,0 +1,101 @@
+"""Discretisation and EMA schedules of consistency training (CT and improved CT).
+
+Index convention of this project: grid index 0 is sigma_max, so a training pair
+is (sigma_n, sigma_{n+1}) with sigma_n > sigma_{n+1}, n in 0..N-2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def ct_num_scales(k: int, K: int, s0: int, s1: int) -> int:
+    """N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1 (Song et al. 2023, Appendix C)."""
+    if K < 1:
+        raise ValueError("the number of training steps K must be at least 1")
+    return math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
+
+
+def ct_mu(k: int, K: int, s0: int, s1: int, mu0: float) -> float:
+    """mu(k) = exp(s0 ln(mu0) / N(k)) (the paper; openai's code divides by N(k) - 1)."""
+    return math.exp(s0 * math.log(mu0) / ct_num_scales(k, K, s0, s1))
+
+
+def ict_num_scales(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT curriculum: N(k) = min(s0 2^floor(k/K'), s1) + 1, K' = floor(K / (log2 floor(s1/s0) + 1)).
+
+    Song & Dhariwal 2023, section 3.4: N doubles from s0 to s1 in equal stages.
+    """
+    stages = int(math.log2(s1 // s0)) + 1
+    k_prime = max(1, K // stages)
+    return min(s0 * 2 ** (k // k_prime), s1) + 1
+
+
+def lognormal_index_probs(sigmas: torch.Tensor, P_mean: float = -1.1, P_std: float = 2.0) -> torch.Tensor:
+    """p(n) of pair (sigma_n, sigma_{n+1}) for a descending grid, n = 0..N-2 (iCT, section 3.5).
+
+    p(n) proportional to erf((ln sigma_n - P_mean)/(sqrt 2 P_std)) - erf((ln sigma_{n+1} - P_mean)/(sqrt 2 P_std)):
+    the lognormal's mass between the two noise levels, normalised.
+    """
+    s = sigmas.double()
+    cdf = torch.erf((s.log() - P_mean) / (math.sqrt(2) * P_std))
+    p = cdf[:-1] - cdf[1:]
+    return (p / p.sum()).float()
+
+
+def ict_weight(sigma_n: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """lambda = 1 / |sigma_n - sigma_{n+1}| (iCT, section 3.2)."""
+    return 1.0 / (sigma_n - sigma_next).abs()
+
+
+@dataclass(frozen=True)
+class CTSchedule:
+    """N(k) and the target's EMA rate mu(k) over K training steps (params `distill.ct_*`, `ict_*`, `mu*`).
+
+    num_scales: 'ct' (Song et al. 2023: N(k) from ct_s0 to ct_s1) or 'ict' (Song & Dhariwal 2023:
+    N doubles from ict_s0 to ict_s1). mu_schedule: 'fixed' (mu; 0 is iCT's stop-gradient target)
+    or 'ct' (mu(k) = exp(ct_s0 ln ct_mu0 / N(k))).
+    """
+    K: int
+    num_scales: str = "ct"
+    ct_s0: int = 2
+    ct_s1: int = 150
+    ct_mu0: float = 0.9
+    ict_s0: int = 10
+    ict_s1: int = 1280
+    mu_schedule: str = "fixed"
+    mu: float = 0.0
+
+    def __post_init__(self):
+        if self.ct_s1 <= self.ct_s0:
+            raise ValueError(f"distill.ct_s1 = {self.ct_s1} must exceed distill.ct_s0 = {self.ct_s0}")
+        if self.ict_s1 < self.ict_s0:
+            raise ValueError(f"distill.ict_s1 = {self.ict_s1} must be at least distill.ict_s0 = {self.ict_s0}")
+        if self.num_scales not in ("ct", "ict"):
+            raise ValueError(f"distill.ct_num_scales = {self.num_scales!r}: use ct or ict")
+        if self.mu_schedule not in ("fixed", "ct"):
+            raise ValueError(f"distill.mu_schedule = {self.mu_schedule!r}: use fixed or ct")
+
+    def N(self, k: int) -> int:
+        if self.num_scales == "ict":
+            return ict_num_scales(k, self.K, self.ict_s0, self.ict_s1)
+        return ct_num_scales(k, self.K, self.ct_s0, self.ct_s1)
+
+    def mu_at(self, k: int) -> float:
+        if self.mu_schedule == "ct":
+            return ct_mu(k, self.K, self.ct_s0, self.ct_s1, self.ct_mu0)
+        return self.mu
+
+
+def sample_pair_indices(sigmas: torch.Tensor, batch_size: int, generator: torch.Generator,
+                        distribution: str = "uniform", P_mean: float = -1.1, P_std: float = 2.0) -> torch.Tensor:
+    """n in 0..N-2 for a descending grid: uniform (CT, CD) or the discretised lognormal (iCT)."""
+    num_pairs = len(sigmas) - 1
+    if distribution == "uniform":
+        return torch.randint(num_pairs, (batch_size,), generator=generator)
+    if distribution == "lognormal":
+        p = lognormal_index_probs(sigmas, P_mean, P_std)
+        return torch.multinomial(p, batch_size, replacement=True, generator=generator)
+    raise ValueError(f"unknown index distribution {distribution!r}: use uniform or lognormal")
