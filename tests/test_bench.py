@@ -9,9 +9,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from cmpipe.bench import loader
-from cmpipe.bench.__main__ import distill_step, sampling, scaling, trajectories
-from cmpipe.bench.loader import stream_images
+from cmpipe.bench import distill_step, loader, sampling, scaling, trajectories
+from cmpipe.bench.streaming import stream_images
 from cmpipe.data import ShardError, encode_png, write_shards
 from cmpipe.distributed.ddp import Dist
 

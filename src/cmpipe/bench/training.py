@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -57,7 +57,7 @@ def distill_step(batch_size: int, steps: int, metric: str, params_file: str, dev
                  lpips_resize: int | None = 224, compare_metrics: bool = False) -> dict:
     """Cached-pair CD step (images/s) against a CD step that runs the teacher's Heun step online."""
     dev = pick_device(device)
-    p, sig, net = setup(dev, params_file)
+    _, sig, net = setup(dev, params_file)
     teacher = frozen_teacher(net, sig)
     student, target, opt = _cd_models(net, sig, dev)
     x, z, n, x_n, x_next = _cd_batch(teacher, sig, batch_size, dev)
@@ -80,7 +80,7 @@ def distill_step(batch_size: int, steps: int, metric: str, params_file: str, dev
     times = dict.fromkeys(kinds, 0.0)
     for _ in range(steps):
         for kind in kinds:
-            times[kind] += timed(lambda: step(kind), dev)
+            times[kind] += timed(functools.partial(step, kind), dev)
     rates = {k: rate(steps * batch_size, t) for k, t in times.items()}
     ratio = rates["cached"] / rates["online"]
     out = {"bench": "distill-step", "device": dev.type, "threads": torch.get_num_threads(),

@@ -1,6 +1,6 @@
 """The noise levels and ODE solvers of Karras et al. 2022 (EDM).
 
-Conventions (DESIGN.md section 3): index 0 of the grid is sigma_max, the last
+Conventions (docs/design.md §2): index 0 of the grid is sigma_max, the last
 index is sigma_min; the probability-flow ODE in EDM's parametrisation is
 dx/dsigma = (x - D(x; sigma)) / sigma.
 """

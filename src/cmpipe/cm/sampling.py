@@ -14,11 +14,15 @@ def default_ts(steps: int, num_scales: int) -> list[int]:
     return [round(i * (num_scales - 1) / steps) for i in range(steps)]
 
 
-def check_ts(ts: list[int], num_scales: int, what: str = "sample.ts"):
-    if not ts or ts[0] != 0 or any(b <= a for a, b in zip(ts, ts[1:])) or ts[-1] > num_scales - 1:
-        raise ValueError(f"{what} = {ts} must start at 0 and increase strictly up to at most "
-                         f"{num_scales - 1} (the last index of the {num_scales}-point grid, "
-                         f"diffusion.num_scales)")
+def check_ts(ts: list[int], num_scales: int | None, what: str = "sample.ts", from_zero: bool = True):
+    """The grid indices of a multistep run: increasing strictly, from 0 (sigma_max) unless `from_zero`
+    is false (editing may start lower), within the `num_scales`-point grid when it is known."""
+    last = "" if num_scales is None else f" up to at most {num_scales - 1} (the last index of the " \
+        f"{num_scales}-point grid, diffusion.num_scales)"
+    if (not ts or ts[0] < 0 or (from_zero and ts[0] != 0) or any(b <= a for a, b in zip(ts, ts[1:]))
+            or (num_scales is not None and ts[-1] > num_scales - 1)):
+        start = "start at 0 and " if from_zero else ""
+        raise ValueError(f"{what} = {ts} must {start}increase strictly{last}")
 
 
 @torch.no_grad()

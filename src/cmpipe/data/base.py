@@ -5,13 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-class ShardError(ValueError):
-    """A shard or manifest is missing, corrupt, truncated, unsafe or inconsistent."""
-
-
-class DataError(ValueError):
-    """A source dataset is missing, unreadable or malformed (the message names it and the fix)."""
+from cmpipe.errors import DataError, ShardError  # noqa: F401 (cmpipe.data's errors)
 
 
 @dataclass

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from cmpipe.data.base import ShardError
 from cmpipe.data.png import decode_pngs
-from cmpipe.data.shards import (_iter_raw_samples, _mkdtemp_beside, _replace_dir, describe_shard,
-                                write_shards)
+from cmpipe.data.shards import _iter_raw_samples, describe_shard, write_shards
+from cmpipe.util.fileio import atomic_dir
 from cmpipe.util.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -198,8 +197,7 @@ def write_dataset(data, out_dir: str | Path, images_per_shard: int, roles: dict[
     h, w, c = shapes.pop()
     root_abs = Path(root).resolve()
     final_abs = out_dir.resolve()
-    tmp = _mkdtemp_beside(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         splits = {}
         for name, split in data.splits.items():
             n = len(split.images)
@@ -228,9 +226,5 @@ def write_dataset(data, out_dir: str | Path, images_per_shard: int, roles: dict[
             "splits": splits,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s", out_dir / MANIFEST)
     return manifest

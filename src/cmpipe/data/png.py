@@ -12,7 +12,6 @@ from PIL import Image
 
 from cmpipe.data.base import ShardError
 
-
 PNG_COMPRESS_LEVEL = 6  # fixed: the level is part of the bytes, so part of reproducibility
 
 

@@ -6,10 +6,7 @@ import io
 import itertools
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -18,6 +15,7 @@ import numpy as np
 from cmpipe.data.base import ShardError
 from cmpipe.data.png import _decode_image, encode_png
 from cmpipe.data.tar import _iter_tar
+from cmpipe.util.fileio import atomic_dir
 from cmpipe.util.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -88,26 +86,6 @@ def _is_shard_dir(d: Path, prefix: str) -> bool:
                for p in d.iterdir())
 
 
-def _replace_dir(src: Path, dst: Path):
-    """Move the finished folder `src` to `dst`, replacing an old `dst` (renames, no copies)."""
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(src, dst)
-
-
-def _mkdtemp_beside(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the final folder the usual mode
-    return tmp
-
-
 def write_shards(out_dir: str | Path, records: Iterable[dict], maxcount: int,
                  prefix: str = "shard") -> list[Path]:
     """Write records to ``out_dir/<prefix>-%06d.tar`` (at most `maxcount` records each).
@@ -131,8 +109,7 @@ def write_shards(out_dir: str | Path, records: Iterable[dict], maxcount: int,
     first = next(it, None)
     if first is None:
         raise ShardError(f"no records to write to {out_dir}")
-    tmp = _mkdtemp_beside(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         # mtime=0: webdataset's default stamps every member with the current time, which makes
         # each run's shards differ and invalidates every later DVC stage. verbose=0: we log.
         with wds.ShardWriter(str(tmp / f"{prefix}-%06d.tar"), maxcount=maxcount, mtime=0,
@@ -140,10 +117,6 @@ def write_shards(out_dir: str | Path, records: Iterable[dict], maxcount: int,
             for record in itertools.chain([first], it):
                 sink.write(record)
         names = sorted(p.name for p in tmp.iterdir())
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     paths = [out_dir / n for n in names]
     log.info("wrote %d shard(s) to %s", len(paths), out_dir)
     return paths

@@ -11,7 +11,6 @@ from typing import Iterator
 
 from cmpipe.data.base import ShardError
 
-
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 

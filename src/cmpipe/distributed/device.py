@@ -5,7 +5,7 @@ import torch
 
 
 def fast_cpu_defaults():
-    # Denormal floats made the first CPU steps ~9x slower (DESIGN.md 4b).
+    # Denormal floats made the first CPU steps ~9x slower (docs/design.md §4).
     torch.set_flush_denormal(True)
 
 

@@ -47,9 +47,7 @@ Adopting a teacher (`load_diffusers_teacher`, `DiffusersEpsTeacher`)
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -61,6 +59,7 @@ from cmpipe.cm.karras import Sigmas
 from cmpipe.cm.precond import ConsistencyFunction, DiffusersEpsTeacher
 from cmpipe.cm.sampling import check_ts
 from cmpipe.networks import CheckpointError, load_network
+from cmpipe.util.fileio import replace_dir, temp_dir_beside
 
 EXPORT_FORMAT = "cmpipe-diffusers-export-1"
 SIGMA_KEYS = tuple(f.name for f in fields(Sigmas))
@@ -151,11 +150,6 @@ def scheduler_config(sig: Sigmas) -> dict:
 
 # --- writing a directory atomically --------------------------------------------------------
 
-def new_temp_dir_beside(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-
-
 def publish_dir(tmp: Path, out: Path, *, overwrite: bool, replaceable) -> Path:
     """Rename the finished `tmp` to `out`; an existing `out` is replaced only when `overwrite`
     and `replaceable(out)` say so (a guard against deleting a user's unrelated folder).
@@ -170,19 +164,7 @@ def publish_dir(tmp: Path, out: Path, *, overwrite: bool, replaceable) -> Path:
         if not out.is_dir() or out.is_symlink() or not replaceable(out):
             raise FileExistsError(f"{out} exists and does not look like an output of this command; "
                                   f"refusing to replace it")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.rename(out, old / out.name)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            os.rename(old / out.name, out)  # put the old one back
-            raise
-        finally:
-            if not (old / out.name).exists() or out.exists():
-                shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-    return out
+    return replace_dir(tmp, out)
 
 
 def _looks_exported(path: Path) -> bool:
@@ -197,7 +179,7 @@ def export_consistency_model(model_file, out_dir, *, which: str = "ema", sigmas=
 
     sigmas: a Sigmas, a mapping or namespace of its fields (params' `diffusion`); None uses the
     model file's sigma_data/sigma_min and Sigmas' defaults for the rest (sigma_max 80, rho 7,
-    N 18). sample_ts: optional {steps: ts} recorded in cmpipe.json (used by cmpipe.generate
+    N 18). sample_ts: optional {steps: ts} recorded in cmpipe.json (used by cmpipe.export.generate
     --steps). The directory is built beside `out_dir` and renamed into place when complete and
     checked; an existing `out_dir` is replaced only with `overwrite=True` and only when it
     holds a diffusers pipeline (model_index.json) or is empty.
@@ -218,7 +200,7 @@ def export_consistency_model(model_file, out_dir, *, which: str = "ema", sigmas=
     net.eval()
     scheduler = CMStochasticIterativeScheduler(**scheduler_config(sig))
     pipe = ConsistencyModelPipeline(unet=net, scheduler=scheduler)
-    tmp = new_temp_dir_beside(out)
+    tmp = temp_dir_beside(out)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         info = {"format": EXPORT_FORMAT, "source": str(model_file), "which": which,
@@ -348,12 +330,12 @@ def load_diffusers_teacher(directory, device=None) -> DiffusersEpsTeacher:
 # --- command line ----------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    """python -m cmpipe.diffusers_io export MODEL OUT_DIR [--which ema] [--params params.yaml]"""
+    """python -m cmpipe.export.diffusers export MODEL OUT_DIR [--which ema] [--params params.yaml]"""
     import argparse
 
     from cmpipe.pipeline import params as params_mod
 
-    ap = argparse.ArgumentParser(prog="python -m cmpipe.diffusers_io",
+    ap = argparse.ArgumentParser(prog="python -m cmpipe.export.diffusers",
                                  description="Export a consistency model to a diffusers directory.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="model file -> ConsistencyModelPipeline directory")
@@ -362,12 +344,12 @@ def main(argv=None) -> int:
     ex.add_argument("--which", default="ema", choices=("ema", "target", "model"))
     ex.add_argument("--params", default=None,
                     help="params.yaml whose `diffusion` (and `sample.ts`) to use "
-                         "(default: ./params.yaml when present)")
+                         "(default: none: the model file's recorded grid)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing exported directory")
     a = ap.parse_args(argv)
     try:
         sigmas, ts = None, None
-        ppath = a.params or ("params.yaml" if Path("params.yaml").is_file() else None)
+        ppath = a.params
         if ppath:
             data = params_mod.read_params(ppath)
             if "diffusion" not in data:

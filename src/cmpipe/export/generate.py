@@ -1,20 +1,20 @@
 """Generate images with a trained consistency model.
 
-    python -m cmpipe.generate --model data/student/model.pt --steps 2 --count 64 --seed 3 --out gen/
-    python -m cmpipe.generate --model exported/ --ts 0,11 --count 16 --out gen/
+    python -m cmpipe.export.generate --model data/student/model.pt --steps 2 --count 64 --seed 3 --out gen/
+    python -m cmpipe.export.generate --model exported/ --ts 0,11 --count 16 --out gen/
 
 `--model` is a consistency model file saved by the pipeline (data/student/model.pt) or a
-directory exported with `python -m cmpipe.diffusers_io export`. The images come from the
-pipeline's own sampler (sampling.cm_sampler, noise drawn per sample from (seed, index)), so
+directory exported with `python -m cmpipe.export.diffusers export`. The images come from the
+pipeline's own sampler (sample_sets.cm_sampler, noise drawn per sample from (seed, index)), so
 `--steps K --seed S` gives, image for image, the `sample` stage's cm_nfe<K> set for
 `sample.seed` S (at the same --batch-size as `sample.batch_size` the bytes match; another
 batch size can change a pixel by one level, as the README notes for the stage).
 
 Noise levels: an exported directory carries them (its scheduler config). A model file records
 only sigma_data and sigma_min, so the grid (sigma_max, rho, num_scales) comes from the
-`diffusion` section of `--params` (default ./params.yaml when present; else the defaults
-80, 7, 18). `--steps K` uses `sample.ts.K` of that file (or the export's recorded ts) when
-there is one, otherwise evenly spaced indices (sampling.default_ts).
+`diffusion` section of `--params` when given (a model file made by this pipeline records its whole
+grid; else the defaults 80, 7, 18). `--steps K` uses `sample.ts.K` of that file (or the export's
+recorded ts) when there is one, otherwise evenly spaced indices (cm.sampling.default_ts).
 
 Writes DIR/000000.png, DIR/000001.png, ..., DIR/grid.png (the first 64 images) and
 DIR/generate.json (the settings), into a temporary directory beside DIR renamed when complete.
@@ -42,7 +42,6 @@ from cmpipe.export.diffusers import (
     DiffusersFormatError,
     is_diffusers_dir,
     load_consistency_dir,
-    new_temp_dir_beside,
     publish_dir,
     resolve_sigmas,
 )
@@ -50,9 +49,10 @@ from cmpipe.images import save_grid, to_uint8
 from cmpipe.networks import CheckpointError, load_network
 from cmpipe.pipeline import params as params_mod
 from cmpipe.sample_sets import class_labels, cm_sampler
+from cmpipe.util.fileio import temp_dir_beside
 from cmpipe.util.seeding import per_sample_randn
 
-log = logging.getLogger("cmpipe.generate")
+log = logging.getLogger("cmpipe.export.generate")
 GRID_IMAGES = 64
 
 
@@ -71,7 +71,7 @@ def load_model(path, *, which: str = "ema", params_path=None):
     if not path.exists():
         raise GenerateError(f"model {path} not found: give a consistency model file saved by the "
                             f"pipeline (data/student/model.pt) or a directory exported with "
-                            f"`python -m cmpipe.diffusers_io export`")
+                            f"`python -m cmpipe.export.diffusers export`")
     if path.is_dir():
         if not is_diffusers_dir(path):
             raise GenerateError(f"{path} is a directory but not an exported diffusers model "
@@ -96,11 +96,10 @@ def load_model(path, *, which: str = "ema", params_path=None):
 
 
 def _read_params(params_path):
-    if params_path is None:
-        if not Path("params.yaml").is_file():
-            log.info("no params.yaml here: the grid uses sigma_max 80, rho 7, num_scales 18 (--params to change)")
-            return None, {}
-        params_path = "params.yaml"
+    if params_path is None:  # the model's own record of its grid; a params file only when asked for
+        log.info("no --params: the grid is the one the model file records (else sigma_max 80, rho 7, "
+                 "num_scales 18) and --steps uses evenly spaced indices")
+        return None, {}
     data = params_mod.read_params(params_path)
     if "diffusion" not in data:
         raise GenerateError(f"{params_path} has no `diffusion` section (the model's noise levels)")
@@ -191,7 +190,7 @@ def run(model, out, *, steps: int | None = None, ts: list[int] | None = None, co
     f = f.to(dev)
     log.info("sampling %d images, ts %s (%d steps), seed %d", count, ts, len(ts), seed)
 
-    tmp = new_temp_dir_beside(out)
+    tmp = temp_dir_beside(out)
     try:
         first = []
         for idx, images in sample_images(f, sig, ts, shape, count=count, seed=seed,
@@ -221,7 +220,7 @@ def run(model, out, *, steps: int | None = None, ts: list[int] | None = None, co
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m cmpipe.generate",
+    ap = argparse.ArgumentParser(prog="python -m cmpipe.export.generate",
                                  description="Generate PNG images with a consistency model.")
     ap.add_argument("--model", required=True,
                     help="data/student/model.pt (a model file of the pipeline) or an exported diffusers directory")
@@ -237,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--which", default="ema", choices=("ema", "target", "model"),
                     help="weights of a model file (default: the evaluation EMA)")
     ap.add_argument("--params", default=None,
-                    help="params.yaml for a model file's grid and sample.ts (default ./params.yaml if present)")
+                    help="a params.yaml whose diffusion grid and sample.ts to use with a model file (default: none)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--overwrite", action="store_true",
                     help="replace --out if it holds only a previous run's PNGs")

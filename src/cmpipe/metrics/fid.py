@@ -78,14 +78,14 @@ def build_inception(device: Any = "cpu", channels_last: bool = True,
 
     path: a TorchScript ``inception-2015-12-05.pt``; default `assets.inception_path()`.
     channels_last: NHWC activations let oneDNN pick its NHWC convolutions on CPU.
-      DESIGN.md 4b saw ~15 img/s instead of ~5 on two cores; on this project's AVX2
-      EPYC machine the gain measured ~10% (about 5 img/s either way). The features
+      On this project's 2-core AVX2 EPYC machine the gain measured ~10% (about 5 img/s
+      either way; docs/design.md §4). The features
       differ from NCHW ones only by float rounding (~1e-5 absolute).
     """
     import torch
     from cleanfid.inception_torchscript import InceptionV3W
 
-    # Denormal floats made CPU training ~9x slower (DESIGN.md 4b); flushing them costs
+    # Denormal floats made CPU training ~9x slower (docs/design.md §4); flushing them costs
     # nothing here and guards against the same on other CPUs.
     torch.set_flush_denormal(True)
     device = torch.device(device)
@@ -99,7 +99,7 @@ def build_inception(device: Any = "cpu", channels_last: bool = True,
             model = InceptionV3W(str(path.parent), download=False)
     except Exception as e:
         raise RuntimeError(f"could not load the Inception file {path} ({e}); delete it and run "
-                           f"`python -m cmpipe.assets` to make it again") from e
+                           f"`python -m cmpipe.weights inception` to make it again") from e
     model = model.eval().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

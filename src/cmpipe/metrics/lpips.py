@@ -33,6 +33,11 @@ from cmpipe.weights.lpips import (
 class LPIPS(nn.Module):
     """LPIPS v0.1 distance per sample (Zhang et al. 2018), frozen, differentiable in its inputs.
 
+    At five layers of an ImageNet classifier the channel-normalised features of both images are
+    subtracted, squared, weighted per channel by a learned 1x1 "linear head", averaged over
+    space and summed; v0.1 first maps the [-1, 1] input with a fixed per-channel affine.
+    The consistency-models paper uses it as the distance d of the consistency loss.
+
     forward(x, y): two N x C x H x W batches in [-1, 1], C = 1 (gray, repeated to RGB) or 3;
     returns N distances (float). Resizing: when ``resize`` is set and H or W is smaller than
     it, both batches are upsampled bilinearly to resize x resize (the consistency-models

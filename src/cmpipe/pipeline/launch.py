@@ -1,6 +1,6 @@
 """Run a heavy stage in one process, or under torchrun when params ask for more.
 
-    python -m cmpipe.launch stages.distill        # the dvc.yaml command of the heavy stages
+    python -m cmpipe.pipeline.launch stages.distill   # the dvc.yaml command of the heavy stages
 
 Reads params `dist` (nproc_per_node, nnodes, rdzv_endpoint, rdzv_id). With one process in all
 it runs `python -m <stage>` itself: the plain path, unchanged. Otherwise it becomes
@@ -10,17 +10,17 @@ for Slurm). The stage's output does not depend on the number of processes.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
 from cmpipe.pipeline import params
 
-HEAVY = ("stages.teacher", "stages.trajectories", "stages.distill", "stages.sample", "stages.evaluate")
-
 
 def command(module: str, d) -> list[str]:
-    if module not in HEAVY:
-        raise params.ParamsError(f"cmpipe.launch runs the heavy stages {list(HEAVY)}, not {module!r}")
+    """The command that runs stage `module` with the processes of params `dist` (`d`)."""
+    if not module.startswith("stages.") or importlib.util.find_spec(module) is None:
+        raise params.ParamsError(f"cmpipe.pipeline.launch runs a stage module stages.<name>, not {module!r}")
     if d.nproc_per_node * d.nnodes == 1:
         return [sys.executable, "-m", module]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={d.nproc_per_node}",
@@ -35,7 +35,7 @@ def command(module: str, d) -> list[str]:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m cmpipe.launch stages.<stage>")
+        raise SystemExit("usage: python -m cmpipe.pipeline.launch stages.<stage>")
     try:
         cmd = command(argv[0], params.load("dist"))
     except params.ParamsError as e:

@@ -1,4 +1,5 @@
-"""Consistency distillation (Song et al. 2023, Algorithm 2) from cached or online teacher pairs."""
+"""The two modes of the distill stage, bound to the pipeline's artifacts and params: CD from the trajectory
+cache (Song et al. 2023, Algorithm 2) and CT from the training images (Algorithm 3)."""
 from __future__ import annotations
 
 import json

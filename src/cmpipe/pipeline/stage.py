@@ -12,20 +12,7 @@ import time
 from typing import Callable
 
 from cmpipe.distributed.device import fast_cpu_defaults
-from cmpipe.pipeline.params import ParamsError
-
-
-def user_errors() -> tuple:
-    from cmpipe.data import DataError, ShardError
-    from cmpipe.networks import CheckpointError
-
-    errors = [ParamsError, DataError, ShardError, CheckpointError]
-    try:
-        from cmpipe.weights.inception import MissingAssetError
-        errors.append(MissingAssetError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+from cmpipe.errors import USER_ERRORS
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
@@ -37,7 +24,7 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
 
     try:
         main()
-    except user_errors() as e:
+    except USER_ERRORS as e:
         raise SystemExit(f"{name}: {e}")
     finally:
         distributed.shutdown()

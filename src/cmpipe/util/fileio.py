@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,3 +68,48 @@ def atomic_save(obj, path: Path):
         # Through a file object: given a path, torch.save names the archive inside the file
         # after it, and the temporary name would make equal checkpoints differ byte-wise.
         torch.save(obj, f)
+
+
+def temp_dir_beside(target) -> Path:
+    """A new empty folder beside `target` (same file system, so a rename can replace it), with the
+    mode a plain mkdir would give (mkdtemp makes 0700)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
+def replace_dir(src, dst) -> Path:
+    """Rename the finished folder `src` to `dst`, replacing an old `dst` by renames only: `dst` is
+    the old folder or the whole new one, never a mix; if the second rename fails the old is put back."""
+    src, dst = Path(src), Path(dst)
+    if not (dst.exists() or dst.is_symlink()):
+        os.replace(src, dst)
+        return dst
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.replace(dst, old / dst.name)
+    try:
+        os.replace(src, dst)
+    except OSError:
+        os.replace(old / dst.name, dst)
+        raise
+    finally:
+        if dst.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yield a temporary folder beside `path`; on success it replaces `path` (`replace_dir`), on any
+    error it is removed and `path` is left as it was."""
+    tmp = temp_dir_beside(path)
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -10,11 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from cmpipe.errors import MissingAssetError  # noqa: F401
+
 T = TypeVar("T")
-
-
-class MissingAssetError(RuntimeError):
-    """A weights file is neither on disk nor obtainable (offline, wheel not installed)."""
 
 
 def cache_dir() -> Path:

@@ -1,0 +1,1 @@
+"""Running on several processes and devices: DDP helpers, accelerator settings, device choice."""

@@ -1,0 +1,1 @@
+"""Round trips with diffusers, and the generate command."""

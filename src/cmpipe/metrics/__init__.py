@@ -1,0 +1,1 @@
+"""Image-quality metrics: FID and KID with clean-fid's Inception, and LPIPS."""
