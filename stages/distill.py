@@ -39,8 +39,8 @@ log = logging.getLogger("stages.distill")
 
 def check_switches(d):
     """Combinations of `distill` keys that cannot mean anything, refused before any work."""
-    if d.mode == "cd" and d.mu_schedule == "ct":
-        raise params.ParamsError("distill.mu_schedule = ct follows the N(k) of consistency training; "
+    if d.mode == "cd" and d.mu_schedule in ("ct", "ct_paper"):
+        raise params.ParamsError(f"distill.mu_schedule = {d.mu_schedule} follows the N(k) of consistency training; "
                                  "with distill.mode = cd use mu_schedule: fixed (rate distill.mu)")
     try:
         ct_schedule_from(d, 1)
@@ -76,7 +76,9 @@ def main():
 
     log.info("%s with metric %s, weighting %s, target mu %s", d.mode, d.metric, d.weighting,
              d.mu if d.mu_schedule == "fixed" else "mu(k)")
-    target = copy.deepcopy(student).requires_grad_(False)
+    # The target runs in training mode like the student (openai's target_model.train()), so that with
+    # dropout it sees the student's mask (cm.losses.consistency_loss).
+    target = copy.deepcopy(student).requires_grad_(False).train()
     fp = fingerprint_of(vars(d), vars(p.diffusion), vars(p.model), inputs)
     emas = train(student, loss_fn, cfg, RESUME, REPORT, fp, device, emas={"target": target}, dist=dist,
                  accel=accel)

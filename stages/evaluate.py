@@ -6,7 +6,8 @@ Inputs: data/fid_ref.npz (stage fid_ref), data/samples/sets.json and the
 data/samples/<set>.npz files it lists (stage sample), each with `images`,
 uint8 N x H x W x C.
 Outputs: reports/metrics.json ({"fid": {set: x}, "kid": {set: x}, "protocol": {...}})
-and reports/fid_vs_nfe.csv (set,kind,nfe,fid,kid), the data of the FID-vs-NFE plot.
+and reports/fid_vs_nfe.csv (set,kind,nfe,fid,kid,sampler), the data of the FID-vs-NFE plot
+(one line per sampler: the `sampler` column colours .dvc/plots/fid_nfe.json).
 Each set's Inception features are computed once and give both FID and KID.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from cmpipe.pipeline.layout import FID_PLOT as PLOT, FID_REF as REF, METRICS, SA
 from cmpipe.util.fileio import atomic_write_text
 from cmpipe.weights import inception as assets
 
-KINDS = ("cm", "teacher_heun", "teacher_euler")
+KINDS = ("cm", "teacher_heun", "teacher_euler", "teacher_dpm")
 log = logging.getLogger("stages.evaluate")
 
 
@@ -98,13 +99,14 @@ def set_features(images: np.ndarray, batch_size: int, model, name: str, dist) ->
 
 
 def plot_rows(sets: dict, fids: dict, kids: dict) -> str:
-    """CSV text of the FID-vs-NFE plot, one row per set, ordered by kind then NFE."""
+    """CSV text of the FID-vs-NFE plot, one row per set, ordered by kind then NFE; `sampler` (the
+    set's kind: cm, teacher_heun, teacher_euler, teacher_dpm) names the plot's line."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["set", "kind", "nfe", "fid", "kid"])
+    w.writerow(["set", "kind", "nfe", "fid", "kid", "sampler"])
     order = sorted(sets, key=lambda s: (KINDS.index(sets[s]["kind"]), sets[s]["nfe"], s))
     for s in order:
-        w.writerow([s, sets[s]["kind"], sets[s]["nfe"], f"{fids[s]:.6g}", f"{kids[s]:.6g}"])
+        w.writerow([s, sets[s]["kind"], sets[s]["nfe"], f"{fids[s]:.6g}", f"{kids[s]:.6g}", sets[s]["kind"]])
     return buf.getvalue()
 
 

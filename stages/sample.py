@@ -10,8 +10,10 @@ reports/ts_search.json and reports/sample_timing.json (seconds per image). With
 `sample.search_ts`, the ts of 2 and more steps come from a search on the FID of
 `search_count` held-out samples (`cmpipe.ts_search`), and every candidate's FID is reported;
 a searched ts replaces the one of `sample.ts` only if it wins 90% of paired bootstrap resamples.
-Sets: cm_nfe<k> for k in sample.steps, teacher_nfe<nfe> (Heun) for sample.teacher_heun_nfe
-and teacher_euler_nfe<nfe> for sample.teacher_euler_nfe. All sets share initial noises.
+Sets: cm_nfe<k> for k in sample.steps, teacher_nfe<nfe> (Heun) for sample.teacher_heun_nfe,
+teacher_euler_nfe<nfe> for sample.teacher_euler_nfe and teacher_dpm_nfe<nfe> (DPM-Solver++(2M))
+for sample.teacher_dpm_nfe. All sets share initial noises; with sample.clip_denoised every
+teacher denoising is clipped to [-1, 1].
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from cmpipe.pipeline.stage import run_stage
 from cmpipe.sample_sets import (
     class_labels,
     cm_sampler,
+    dpm_sampler,
     euler_sampler,
     generate,
     heun_sampler,
@@ -67,8 +70,11 @@ def plan_sets(s, sig: Sigmas) -> dict:
         except ValueError as e:
             raise params.ParamsError(str(e)) from None
         sets[f"teacher_nfe{nfe}"] = {"kind": "teacher_heun", "nfe": nfe, "steps": steps}
-    for nfe in s.teacher_euler_nfe:
-        sets[f"teacher_euler_nfe{nfe}"] = {"kind": "teacher_euler", "nfe": nfe}
+    for key, kind in (("teacher_euler_nfe", "teacher_euler"), ("teacher_dpm_nfe", "teacher_dpm")):
+        for nfe in getattr(s, key):
+            if nfe < 1:
+                raise params.ParamsError(f"sample.{key}: NFE must be at least 1, got {nfe}")
+            sets[f"{key}{nfe}"] = {"kind": kind, "nfe": nfe}
     return sets
 
 
@@ -130,9 +136,11 @@ def main():
             sampler = cm_sampler(f, sig, info["ts"], s.seed, shape, labels)
             info["model"] = made_by
         elif info["kind"] == "teacher_heun":
-            sampler = heun_sampler(D, sig, info["steps"], labels)
+            sampler = heun_sampler(D, sig, info["steps"], labels, s.clip_denoised)
+        elif info["kind"] == "teacher_euler":
+            sampler = euler_sampler(D, sig, info["nfe"], labels, s.clip_denoised)
         else:
-            sampler = euler_sampler(D, sig, info["nfe"], labels)
+            sampler = dpm_sampler(D, sig, info["nfe"], labels, s.clip_denoised)
         images, spi = generate(sampler, s.count, s.batch_size, shape, s.seed, device, name, dist=dist)
         if not dist.is_main:  # its batches went to rank 0, which writes the set
             continue

@@ -69,16 +69,31 @@ def test_each_task_keeps_its_known_part(task):
 
 def test_known_parts_mean_what_they_say():
     y = images(2, 3)
-    # inpainting keeps pixels, colorization the channel mean, super-resolution the patch means
+    # inpainting keeps pixels, colorization the luma, super-resolution the patch means
     m = centre_box_mask(16, 16, 0.5)
     assert m.sum() == 64 and m[0, 0, 4:12, 4:12].all()
     x = images(2, 3, seed=5)
     assert torch.allclose(inpainting(m).project(x, y) * (1 - m), y * (1 - m))
-    assert torch.allclose(colorization().project(x, y).mean(1), y.mean(1), atol=1e-6)
+    luma = lambda im: (im * torch.tensor([0.2989, 0.5870, 0.1140]).reshape(1, 3, 1, 1)).sum(1)
+    assert torch.allclose(luma(colorization().project(x, y)), luma(y), atol=1e-6)
+    assert not torch.allclose(colorization().project(x, y).mean(1), y.mean(1), atol=1e-3)  # not (1,1,1)
     sr = super_resolution(4, 16, 16).project(x, y)
     assert torch.allclose(torch.nn.functional.avg_pool2d(sr, 4), torch.nn.functional.avg_pool2d(y, 4), atol=1e-6)
     assert torch.allclose(super_resolution(4, 16, 16).inverse(super_resolution(4, 16, 16).forward(x)), x,
                           atol=1e-6)
+
+
+def test_colorization_basis_starts_with_the_normalised_luma_vector():
+    from cmpipe.cm.editing import orthogonal_with_first
+
+    v = torch.tensor([0.2989, 0.5870, 0.1140], dtype=torch.float64)
+    q = orthogonal_with_first(v)
+    assert torch.allclose(q[0], v / v.norm(), atol=1e-12)
+    assert torch.allclose(q @ q.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    # the constraint's A maps an image's colour to (luma / |luma|, two chroma axes)
+    y = images(1, 3)
+    a = colorization().forward(y)
+    assert torch.allclose(a[:, 0], (y * (v / v.norm()).float().reshape(1, 3, 1, 1)).sum(1), atol=1e-6)
 
 
 def test_bad_task_settings_fail_clearly():

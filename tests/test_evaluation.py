@@ -238,11 +238,13 @@ def test_evaluate_names_a_sample_file_of_the_wrong_shape(tmp_path, monkeypatch):
 def test_plot_rows_order_and_columns():
     from stages import evaluate
 
-    sets = {"teacher_nfe35": {"kind": "teacher_heun", "nfe": 35}, "cm_nfe2": {"kind": "cm", "nfe": 2},
+    sets = {"teacher_dpm_nfe4": {"kind": "teacher_dpm", "nfe": 4},
+            "teacher_nfe35": {"kind": "teacher_heun", "nfe": 35}, "cm_nfe2": {"kind": "cm", "nfe": 2},
             "cm_nfe1": {"kind": "cm", "nfe": 1}}
     text = evaluate.plot_rows(sets, {s: 1.5 for s in sets}, {s: 0.01 for s in sets})
-    assert text.splitlines() == ["set,kind,nfe,fid,kid", "cm_nfe1,cm,1,1.5,0.01", "cm_nfe2,cm,2,1.5,0.01",
-                                 "teacher_nfe35,teacher_heun,35,1.5,0.01"]
+    assert text.splitlines() == ["set,kind,nfe,fid,kid,sampler", "cm_nfe1,cm,1,1.5,0.01,cm",
+                                 "cm_nfe2,cm,2,1.5,0.01,cm", "teacher_nfe35,teacher_heun,35,1.5,0.01,teacher_heun",
+                                 "teacher_dpm_nfe4,teacher_dpm,4,1.5,0.01,teacher_dpm"]
 
 
 # --------------------------------------------------------------------------- offline weights

@@ -85,13 +85,14 @@ def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
     assert ran_stages(out) == {"shard", "fid_ref", "teacher", "trajectories", "distill", "sample",
                                "evaluate", "edit", "report"}
     m = read_metrics(repo)
-    names = {"cm_nfe1", "cm_nfe2", "teacher_nfe7", "teacher_euler_nfe1", "teacher_euler_nfe2"}
+    names = {"cm_nfe1", "cm_nfe2", "teacher_nfe7", "teacher_euler_nfe1", "teacher_euler_nfe2", "teacher_dpm_nfe2"}
     assert set(m["fid"]) == names and set(m["kid"]) == names
     assert all(math.isfinite(v) and v >= 0 for v in m["fid"].values())
     assert all(math.isfinite(v) for v in m["kid"].values())
     assert m["protocol"]["reference_count"] == 48
     summary = (repo / "reports/summary.md").read_text()
     assert "cm_nfe1" in summary and "![cm_nfe1](samples/cm_nfe1.png)" in summary
+    assert "## Teacher NFE to match the consistency model" in summary
     for png in ["reports/teacher/samples.png", "reports/distill/samples.png", "reports/samples/cm_nfe1.png"]:
         assert (repo / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # dvclive curves of both training stages

@@ -21,9 +21,18 @@ def test_ct_num_scales_and_mu_at_start_middle_end():
     # k = K/2: sqrt(0.5 * (151^2 - 4) + 4) = sqrt(11404.5) = 106.79...; ceil(105.79) + 1 = 107
     assert ct_num_scales(K // 2, K, s0, s1) == 107
     assert ct_num_scales(K, K, s0, s1) == 151                   # ceil(151 - 1) + 1
-    assert ct_mu(0, K, s0, s1, mu0) == pytest.approx(0.9)      # exp(2 ln 0.9 / 2)
-    assert ct_mu(K // 2, K, s0, s1, mu0) == pytest.approx(math.exp(2 * math.log(0.9) / 107))
-    assert ct_mu(K, K, s0, s1, mu0) == pytest.approx(0.9 ** (2 / 151))
+    # The paper: mu(k) = exp(s0 ln mu0 / N(k)).
+    assert ct_mu(0, K, s0, s1, mu0, "paper") == pytest.approx(0.9)      # exp(2 ln 0.9 / 2)
+    assert ct_mu(K // 2, K, s0, s1, mu0, "paper") == pytest.approx(math.exp(2 * math.log(0.9) / 107))
+    assert ct_mu(K, K, s0, s1, mu0, "paper") == pytest.approx(0.9 ** (2 / 151))
+    # openai's code (the default): divides by N(k) - 1.
+    assert ct_mu(0, K, s0, s1, mu0) == pytest.approx(0.81)               # exp(2 ln 0.9 / 1)
+    assert ct_mu(0, K, s0, s1, 0.95) == pytest.approx(0.9025)            # the issue's example
+    assert ct_mu(0, K, s0, s1, 0.95, "paper") == pytest.approx(0.95)
+    assert ct_mu(K // 2, K, s0, s1, mu0) == pytest.approx(math.exp(2 * math.log(0.9) / 106))
+    assert ct_mu(K, K, s0, s1, mu0) == pytest.approx(0.9 ** (2 / 150))
+    with pytest.raises(ValueError, match="unknown mu"):
+        ct_mu(0, K, s0, s1, mu0, "other")
 
 
 def test_ict_curriculum_doubles_at_stage_boundaries():
@@ -31,6 +40,15 @@ def test_ict_curriculum_doubles_at_stage_boundaries():
     assert ict_num_scales(0, K) == 11 and ict_num_scales(99, K) == 11
     assert ict_num_scales(100, K) == 21 and ict_num_scales(199, K) == 21
     assert ict_num_scales(700, K) == 1281 and ict_num_scales(10_000, K) == 1281
+
+
+def test_ict_stage_length_does_not_floor_the_logarithm():
+    # K' = floor(K / (log2 floor(s1/s0) + 1)); for s0 = 10, s1 = 1000: log2(100) + 1 = 7.6439,
+    # K' = floor(1000 / 7.6439) = 130 (flooring the log would give 7 stages of 142 steps).
+    K, s0, s1 = 1000, 10, 1000
+    assert ict_num_scales(129, K, s0, s1) == 11 and ict_num_scales(130, K, s0, s1) == 21
+    assert ict_num_scales(259, K, s0, s1) == 21 and ict_num_scales(260, K, s0, s1) == 41
+    assert ict_num_scales(6 * 130, K, s0, s1) == 641 and ict_num_scales(7 * 130, K, s0, s1) == 1001
 
 
 def test_lognormal_index_probabilities_sum_to_one_and_follow_erf():
@@ -84,7 +102,9 @@ def test_ct_schedule_switches():
 
     ct = CTSchedule(K=1000, num_scales="ct", mu_schedule="ct", ct_mu0=0.9)
     assert [ct.N(0), ct.N(500), ct.N(1000)] == [2, 107, 151]
-    assert ct.mu_at(500) == pytest.approx(math.exp(2 * math.log(0.9) / 107))
+    assert ct.mu_at(500) == pytest.approx(math.exp(2 * math.log(0.9) / 106))     # openai's code
+    paper = CTSchedule(K=1000, num_scales="ct", mu_schedule="ct_paper", ct_mu0=0.9)
+    assert paper.mu_at(500) == pytest.approx(math.exp(2 * math.log(0.9) / 107))
     ict = CTSchedule(K=800, num_scales="ict", mu_schedule="fixed", mu=0.0)
     assert [ict.N(0), ict.N(100), ict.N(799)] == [11, 21, 1281]
     assert ict.mu_at(0) == 0.0 and ict.mu_at(799) == 0.0   # iCT: theta^- = stopgrad(theta)

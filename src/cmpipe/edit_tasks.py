@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cmpipe.cm.editing import LUMA
+
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
@@ -26,8 +28,9 @@ def mean_fill(y: torch.Tensor, mask_missing: torch.Tensor) -> torch.Tensor:
 
 
 def gray_replicated(y: torch.Tensor) -> torch.Tensor:
-    """The colorization baseline: the luminance, replicated on the three channels."""
-    return y.mean(1, keepdim=True).expand_as(y)
+    """The colorization baseline: the luma (cm.editing.LUMA weights), replicated on the three channels."""
+    w = torch.tensor(LUMA, dtype=y.dtype, device=y.device).reshape(1, 3, 1, 1)
+    return (y * w).sum(1, keepdim=True).expand_as(y)
 
 
 def centre_box_mask(height: int, width: int, fraction: float = 0.5) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -21,15 +22,69 @@ def results_table(metrics: dict, sets: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["sampler", "NFE"]).reset_index(drop=True)
 
 
+# The teacher's samplers, in the order of the summary, and their names there.
+TEACHER_SAMPLERS = {"teacher_heun": "Heun", "teacher_euler": "Euler", "teacher_dpm": "DPM-Solver++(2M)"}
+
+
+def teacher_nfe_to_match(table: pd.DataFrame) -> list[dict]:
+    """How many teacher NFE match each consistency-model set's FID (Song et al. 2023 compare
+    one- and two-step CD with the teacher's samplers by FID against NFE).
+
+    For each cm set and each teacher sampler with an evaluated set: `nfe`, the smallest evaluated
+    NFE whose FID is at most the cm set's (None if none is), `best_fid` and `best_nfe`, and
+    `interpolated_nfe`, where FID crosses the cm's FID on the line through the last NFE above it
+    and the match, linear in log NFE (None when the match is the smallest evaluated NFE).
+    `table` has columns set, sampler, NFE, FID (`results_table`); sets without a FID are left out.
+    """
+    rows = table.dropna(subset=["FID"])
+    out = []
+    for _, cm in rows[rows["sampler"] == "cm"].sort_values("NFE").iterrows():
+        for sampler in TEACHER_SAMPLERS:
+            t = rows[rows["sampler"] == sampler].sort_values("NFE")
+            if t.empty:
+                continue
+            nfe, fid = [int(n) for n in t["NFE"]], [float(f) for f in t["FID"]]
+            hit = next((i for i, f in enumerate(fid) if f <= cm["FID"]), None)
+            interpolated = None
+            if hit:  # the NFE before the first match has a FID above the cm's: they bracket it
+                (n0, n1), (f0, f1) = nfe[hit - 1:hit + 1], fid[hit - 1:hit + 1]
+                w = (f0 - cm["FID"]) / (f0 - f1)
+                interpolated = math.exp((1 - w) * math.log(n0) + w * math.log(n1))
+            best = min(range(len(fid)), key=fid.__getitem__)
+            out.append({"cm_set": cm["set"], "cm_nfe": int(cm["NFE"]), "cm_fid": float(cm["FID"]),
+                        "sampler": sampler, "nfe": None if hit is None else nfe[hit],
+                        "bracket": None if not hit else (nfe[hit - 1], nfe[hit]),
+                        "interpolated_nfe": interpolated, "best_fid": fid[best], "best_nfe": nfe[best]})
+    return out
+
+
+def match_markdown(matches: list[dict]) -> list[str]:
+    """The lines of the summary's section on `teacher_nfe_to_match`."""
+    if not matches:
+        return []
+    rows = [{"consistency model": f"{m['cm_nfe']} step{'s' * (m['cm_nfe'] > 1)} (FID {m['cm_fid']:.4g})",
+             "teacher sampler": TEACHER_SAMPLERS[m["sampler"]],
+             "smallest NFE with FID at most the cm's": m["nfe"] if m["nfe"] is not None else
+             f"none of the evaluated NFE (best: {m['best_fid']:.4g} at NFE {m['best_nfe']})",
+             "interpolated (log NFE)": f"{m['interpolated_nfe']:.3g} (between NFE {m['bracket'][0]} and "
+                                       f"{m['bracket'][1]})" if m["bracket"] else "-"}
+            for m in matches]
+    return ["## Teacher NFE to match the consistency model", "",
+            ("The smallest evaluated teacher NFE whose FID is at most the consistency model's, and the NFE "
+             "where the teacher's FID crosses it, interpolated linearly in log NFE between the bracketing "
+             "evaluated NFE."), "", pd.DataFrame(rows).to_markdown(index=False), ""]
+
+
 def summary_markdown(metrics: dict, sets: dict, extras: dict, grids_dir: Path, root: Path) -> str:
     table = results_table(metrics, sets)
     proto = metrics.get("protocol", {})
     lines = ["# Results", "",
-             "Consistency model (cm) against its EDM teacher (Heun and Euler) on the same initial "
+             "Consistency model (cm) against its EDM teacher (Heun, Euler and DPM-Solver++(2M)) on the same initial "
              "noises. FID and KID (clean-fid, mode clean) against the reference statistics of "
              f"`fid_ref`; protocol: `{json.dumps(proto, sort_keys=True)}`. FID of small sample sets "
              "is biased upward: compare sets of equal size only.", "",
              table.to_markdown(index=False, floatfmt=".4g"), ""]
+    lines += match_markdown(teacher_nfe_to_match(table))
     for title, d in extras.items():
         if d:
             lines += [f"**{title}**: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"

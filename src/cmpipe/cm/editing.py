@@ -9,8 +9,9 @@ denoising puts the known part back:
 
 so the result keeps the known coordinates of y exactly (up to float rounding):
   inpainting        A = I, Omega = the missing pixels;
-  colorization      A = an orthogonal colour basis whose first axis is the luminance
-                    (1, 1, 1)/sqrt(3); Omega = the two chroma axes (RGB only);
+  colorization      A = an orthogonal colour basis whose first axis is the luma vector
+                    (0.2989, 0.5870, 0.1140), normalised, as openai's iterative_colorization;
+                    Omega = the two chroma axes (RGB only);
   super-resolution  A = an orthogonal basis of each p x p patch whose first axis is the patch
                     mean direction (1, ..., 1)/p; Omega = every axis but the first;
   stroke editing    SDEdit-style: the stroke painting noised to an intermediate grid index, then
@@ -66,12 +67,15 @@ def orthogonal_with_first(v: torch.Tensor) -> torch.Tensor:
     return q.T.contiguous()
 
 
+LUMA = (0.2989, 0.5870, 0.1140)  # ITU-R BT.601 luma weights, the grey level of an RGB image
+
+
 def colorization(channels: int = 3) -> Constraint:
-    """Keep the luminance axis (1, 1, 1)/sqrt 3 of an orthogonal colour basis; generate the rest."""
+    """Keep the luma axis (LUMA, normalised) of an orthogonal colour basis; generate the rest."""
     if channels != 3:
         raise ValueError(f"colorization needs RGB images (3 channels), got {channels}: gray data "
                          "has no colour to generate")
-    q = orthogonal_with_first(torch.ones(3)).float()
+    q = orthogonal_with_first(torch.tensor(LUMA)).float()
 
     def forward(x):
         return torch.einsum("ij,njhw->nihw", q.to(x), x)

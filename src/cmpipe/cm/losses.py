@@ -85,7 +85,11 @@ def consistency_loss(student, target, x_n: torch.Tensor, sigma_n: torch.Tensor,
     """Consistency loss (Song et al. 2023, eq. 7 / Algorithm 2):
     lambda(sigma_n) d(f_theta(x_n, sigma_n), f_theta^-(x_next, sigma_next)), with sigma_next < sigma_n
     and no gradient through the target theta^-."""
-    pred = student(x_n, sigma_n)
+    # The target sees the student's dropout mask: the RNG state is saved before the student's
+    # forward and restored before the target's (openai/consistency_models' consistency_losses).
+    devices = [x_n.device] if x_n.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        pred = student(x_n, sigma_n)
     with torch.no_grad():
         tgt = target(x_next, sigma_next)
     d = distance(pred, tgt)

@@ -18,9 +18,20 @@ def ct_num_scales(k: int, K: int, s0: int, s1: int) -> int:
     return math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
 
 
-def ct_mu(k: int, K: int, s0: int, s1: int, mu0: float) -> float:
-    """mu(k) = exp(s0 ln(mu0) / N(k)) (the paper; openai's code divides by N(k) - 1)."""
-    return math.exp(s0 * math.log(mu0) / ct_num_scales(k, K, s0, s1))
+def ct_mu(k: int, K: int, s0: int, s1: int, mu0: float, formula: str = "code") -> float:
+    """The target's EMA rate of original CT.
+
+    formula 'paper': mu(k) = exp(s0 ln(mu0) / N(k)) (Song et al. 2023, Appendix C).
+    formula 'code': exp(s0 ln(mu0) / max(N(k) - 1, 1)), as openai/consistency_models'
+    `create_ema_and_scales_fn` computes it (before its `scales + 1`): the code behind the published
+    CT numbers. At k = 0 with s0 = 2, mu0 = 0.95 it gives 0.9025 where the paper's gives 0.95.
+    """
+    n = ct_num_scales(k, K, s0, s1)
+    if formula == "code":
+        return math.exp(s0 * math.log(mu0) / max(n - 1, 1))
+    if formula == "paper":
+        return math.exp(s0 * math.log(mu0) / n)
+    raise ValueError(f"unknown mu(k) formula {formula!r}: use code or paper")
 
 
 def ict_num_scales(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
@@ -28,8 +39,8 @@ def ict_num_scales(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
 
     Song & Dhariwal 2023, section 3.4: N doubles from s0 to s1 in equal stages.
     """
-    stages = int(math.log2(s1 // s0)) + 1
-    k_prime = max(1, K // stages)
+    stages = math.log2(s1 // s0) + 1  # not floored: for s1/s0 = 100 that is 7.64 stages, not 7
+    k_prime = max(1, math.floor(K / stages))
     return min(s0 * 2 ** (k // k_prime), s1) + 1
 
 
@@ -55,8 +66,9 @@ class CTSchedule:
     """N(k) and the target's EMA rate mu(k) over K training steps (params `distill.ct_*`, `ict_*`, `mu*`).
 
     num_scales: 'ct' (Song et al. 2023: N(k) from ct_s0 to ct_s1) or 'ict' (Song & Dhariwal 2023:
-    N doubles from ict_s0 to ict_s1). mu_schedule: 'fixed' (mu; 0 is iCT's stop-gradient target)
-    or 'ct' (mu(k) = exp(ct_s0 ln ct_mu0 / N(k))).
+    N doubles from ict_s0 to ict_s1). mu_schedule: 'fixed' (mu; 0 is iCT's stop-gradient target),
+    'ct' (openai's code: mu(k) = exp(ct_s0 ln ct_mu0 / (N(k) - 1))) or 'ct_paper' (the paper's
+    exp(ct_s0 ln ct_mu0 / N(k))); see `ct_mu`.
     """
     K: int
     num_scales: str = "ct"
@@ -75,8 +87,8 @@ class CTSchedule:
             raise ValueError(f"distill.ict_s1 = {self.ict_s1} must be at least distill.ict_s0 = {self.ict_s0}")
         if self.num_scales not in ("ct", "ict"):
             raise ValueError(f"distill.ct_num_scales = {self.num_scales!r}: use ct or ict")
-        if self.mu_schedule not in ("fixed", "ct"):
-            raise ValueError(f"distill.mu_schedule = {self.mu_schedule!r}: use fixed or ct")
+        if self.mu_schedule not in ("fixed", "ct", "ct_paper"):
+            raise ValueError(f"distill.mu_schedule = {self.mu_schedule!r}: use fixed, ct or ct_paper")
 
     def N(self, k: int) -> int:
         if self.num_scales == "ict":
@@ -84,8 +96,9 @@ class CTSchedule:
         return ct_num_scales(k, self.K, self.ct_s0, self.ct_s1)
 
     def mu_at(self, k: int) -> float:
-        if self.mu_schedule == "ct":
-            return ct_mu(k, self.K, self.ct_s0, self.ct_s1, self.ct_mu0)
+        if self.mu_schedule in ("ct", "ct_paper"):
+            formula = "code" if self.mu_schedule == "ct" else "paper"
+            return ct_mu(k, self.K, self.ct_s0, self.ct_s1, self.ct_mu0, formula)
         return self.mu
 
 

@@ -67,6 +67,8 @@ def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slic
                          f"labels; rebuild the cache with `dvc repro trajectories`")
     n_all, xn_all, xnext_all = (resident(t, device) for t in (n_all, xn_all, xnext_all))
     log.info("cd: %d cached pairs, the student starts from the teacher's EMA", len(n_all))
+    net, unet = with_dropout(net, ckpt["unet"], d.dropout)
+    torch.manual_seed(d.seed)  # the student's dropout masks (the data and noise have their own generators)
     student = student_from_teacher(net, sig).to(device)
     sampler = EpochSampler(len(n_all), d.batch_size, d.seed)
 
@@ -80,13 +82,26 @@ def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slic
                        sig, metric, d.weighting)
 
     inputs = [[s["sha256"] for s in cache["shards"]], cache["teacher_sha256"]]
-    return ConsistencySetup(student, ckpt["unet"], loss_at, inputs)
+    return ConsistencySetup(student, unet, loss_at, inputs)
+
+
+def with_dropout(net: torch.nn.Module, unet: dict, p: float) -> tuple[torch.nn.Module, dict]:
+    """The teacher's network with the student's own dropout `p` (distill.dropout; the official CD
+    runs distil a teacher trained with dropout 0.1 into a student with 0): same weights, and the
+    configuration saved with the student says `p`."""
+    if float(unet.get("dropout", 0.0)) == float(p):
+        return net, unet
+    unet = dict(unet, dropout=float(p))
+    student_net = build_unet(unet)
+    student_net.load_state_dict(net.state_dict())
+    return student_net, unet
 
 
 def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric, part: slice | None = None,
              manifest_path: Path = MANIFEST) -> ConsistencySetup:
-    """CT from the training images alone: the student starts from random weights (params `model`,
-    seeded by distill.seed) and step k uses the N(k)-point grid of `sched`.
+    """CT from the training images alone: the student starts from random weights (the architecture
+    of params `model`, the dropout of distill.dropout, seeded by distill.seed) and step k uses the
+    N(k)-point grid of `sched`.
 
     Under torchrun the noise and pair indices are drawn for the global batch, and this rank
     keeps its rows (`part`): the loss does not depend on the world size.
@@ -96,7 +111,7 @@ def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric, pa
     images, labels = load_image_split(manifest_path, role="train")
     num_classes = model_num_classes(model_params.class_conditional, manifest["class_names"])
     cfg_unet = unet_config(model_params.block_out_channels, model_params.layers_per_block,
-                           model_params.attention_levels, model_params.dropout, h, c, num_classes)
+                           model_params.attention_levels, d.dropout, h, c, num_classes)
     torch.manual_seed(d.seed)  # the initial weights
     student = ConsistencyFunction(build_unet(cfg_unet), sig.sigma_data, sig.sigma_min).to(device)
     log.info("ct: %d training images, a %.2fM-parameter student from random weights; N(k) %d -> %d, "
