@@ -1,14 +1,18 @@
-"""DVC stage `distill`: a consistency model by distillation (mode cd) or by training (mode ct).
+"""DVC stage `distill`: a consistency model by distillation (mode cd), by training (mode ct) or by
+Easy Consistency Tuning (mode ect).
 
     python -m stages.distill
 
 Reads params `distill`, `diffusion` and `model`. Mode cd (Song et al. 2023, Algorithm 2) reads
 data/teacher/model.pt (the student starts from its EMA weights) and the pairs of
 data/trajectories; mode ct (Algorithm 3, or improved CT with the `distill` switches) reads only
-the training images of data/shards and starts from random weights: no teacher, no cache.
-Outputs data/student/model.pt (weights "model", the target theta^- "target" and the evaluation
-EMA "ema" that sampling uses) and reports/distill/ (dvclive curves and samples.png: one-step
-samples of the evaluation EMA). A killed run resumes from data/.resume/distill.pt.
+the training images of data/shards and starts from random weights: no teacher, no cache; mode
+ect (Geng et al. 2025) starts from the teacher's EMA weights and reads the training images: no
+cache, no ODE solver, and no target EMA (the student is its own target).
+Outputs data/student/model.pt (weights "model", the target theta^- "target", in ect the student
+itself, and the evaluation EMA "ema" that sampling uses) and reports/distill/ (dvclive curves and
+samples.png: one-step samples of the evaluation EMA). A killed run resumes from
+data/.resume/distill.pt.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from cmpipe.pipeline.config import (
     train_config_from,
 )
 from cmpipe.pipeline.layout import DISTILL_REPORT as REPORT, DISTILL_RESUME as RESUME, STUDENT as OUT
-from cmpipe.pipeline.setups import cd_setup, ct_setup
+from cmpipe.pipeline.setups import cd_setup, ct_setup, ect_setup
 from cmpipe.pipeline.stage import run_stage
 from cmpipe.sample_sets import cm_sampler, generate, preview_plan
 from cmpipe.training import ema_update, train
@@ -57,40 +61,50 @@ def main():
     part = dist.part(d.batch_size) if dist.enabled else None  # checks the split before any work
     accel = Accel.from_params(p.accel, device)
     accel.configure()
-    metric = resolve_metric(d.metric, d.lpips_net, d.lpips_resize, device, d.huber_c)
+    ect = d.mode == "ect"  # its loss has its own distance and weighting, and no target EMA
+    metric = None if ect else resolve_metric(d.metric, d.lpips_net, d.lpips_resize, device, d.huber_c)
     cfg = train_config_from(d, "distill")
     sched = ct_schedule_from(d, cfg.steps)
     if d.mode == "cd":
         student, unet, loss_at, inputs = cd_setup(d, sig, p.model.class_conditional, device, metric, part)
+    elif ect:
+        student, unet, loss_at, inputs = ect_setup(d, sig, p.model.class_conditional, cfg.steps, device, part)
     else:
         student, unet, loss_at, inputs = ct_setup(d, sig, p.model, sched, device, metric, part)
     if REPORT.exists() and dist.is_main:
         shutil.rmtree(REPORT)
 
     def loss_fn(step, g, emas):
+        if ect:  # theta^- = stopgrad(theta): the student itself, inside ect_loss
+            return loss_at(step, g, None)
         # theta^- <- mu(k-1) theta^- + (1 - mu(k-1)) theta after step k-1 (Algorithms 2 and 3);
         # done here rather than as a fixed-rate EMA of the loop because mu may follow a schedule.
         if step > 0:
             ema_update(emas["target"], student, sched.mu_at(step - 1))
         return loss_at(step, g, emas["target"])
 
-    log.info("%s with metric %s, weighting %s, target mu %s", d.mode, d.metric, d.weighting,
-             d.mu if d.mu_schedule == "fixed" else "mu(k)")
+    if ect:
+        metric_name, weighting = f"pseudo_huber(c={d.ect_huber_c:g})", "1/(t-r)"
+        log.info("ect with distance %s, weighting %s, the student as its own target", metric_name, weighting)
+    else:
+        metric_name, weighting = d.metric, d.weighting
+        log.info("%s with metric %s, weighting %s, target mu %s", d.mode, d.metric, d.weighting,
+                 d.mu if d.mu_schedule == "fixed" else "mu(k)")
     # The target runs in training mode like the student (openai's target_model.train()), so that with
     # dropout it sees the student's mask (cm.losses.consistency_loss).
-    target = copy.deepcopy(student).requires_grad_(False).train()
+    targets = {} if ect else {"target": copy.deepcopy(student).requires_grad_(False).train()}
     fp = fingerprint_of(vars(d), vars(p.diffusion), vars(p.model), inputs)
-    emas = train(student, loss_fn, cfg, RESUME, REPORT, fp, device, emas={"target": target}, dist=dist,
-                 accel=accel)
-    ema_update(emas["target"], student, sched.mu_at(cfg.steps - 1))  # the update after the last step
+    emas = train(student, loss_fn, cfg, RESUME, REPORT, fp, device, emas=targets, dist=dist, accel=accel)
+    if not ect:
+        ema_update(emas["target"], student, sched.mu_at(cfg.steps - 1))  # the update after the last step
     if not dist.is_main:  # rank 0 alone writes the model and the grid
         return
     save_model(OUT, "consistency", unet,
-               {"ema": emas["ema"].net.state_dict(), "target": emas["target"].net.state_dict(),
+               {"ema": emas["ema"].net.state_dict(), "target": (student if ect else emas["target"]).net.state_dict(),
                 "model": student.net.state_dict()},
                {"sigma_data": sig.sigma_data, "sigma_min": sig.sigma_min, "sigma_max": sig.sigma_max,
                 "rho": sig.rho, "num_scales": sig.num_scales, "mode": d.mode,
-                "metric": d.metric, "weighting": d.weighting, "images": d.images})
+                "metric": metric_name, "weighting": weighting, "images": d.images})
     RESUME.unlink(missing_ok=True)
 
     ema = emas["ema"].eval()

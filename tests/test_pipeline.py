@@ -263,9 +263,10 @@ def test_two_queued_experiments_run_in_parallel_and_show_up(smoke_repo):
 
     repo, env, _ = smoke_repo
     _reset(repo, env)
-    # one of them switches to consistency training: no teacher, no cache (mode ct)
-    for name, key in (("queued-a", "distill.lr=0.0004"), ("queued-ct", "distill.mode=ct")):
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", key], repo, env)
+    # one switches to consistency training (mode ct: no teacher, no cache), the other to Easy
+    # Consistency Tuning (mode ect: the teacher's weights and the images, no cache) at another lr
+    for name, keys in (("queued-ect", ["distill.mode=ect", "distill.lr=0.0004"]), ("queued-ct", ["distill.mode=ct"])):
+        run(["dvc", "exp", "run", "--queue", "-n", name] + [a for k in keys for a in ("-S", k)], repo, env)
     run(["dvc", "queue", "start", "-j", "2"], repo, env)
     deadline, status = time.time() + 900, ""
     while time.time() < deadline:
@@ -277,8 +278,9 @@ def test_two_queued_experiments_run_in_parallel_and_show_up(smoke_repo):
     assert status.count("Success") == 2, status
     show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
     rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(show))}
-    assert rows["queued-a"]["distill.lr"] == "0.0004" and rows["queued-ct"]["distill.mode"] == "ct"
-    for name in ("queued-a", "queued-ct"):
+    assert rows["queued-ect"]["distill.lr"] == "0.0004" and rows["queued-ect"]["distill.mode"] == "ect"
+    assert rows["queued-ct"]["distill.mode"] == "ct"
+    for name in ("queued-ect", "queued-ct"):
         assert math.isfinite(float(rows[name]["fid.cm_nfe1"]))
 
 

@@ -1,8 +1,9 @@
-"""Training objectives: the EDM loss, the distances d, and the consistency loss (eq. 7) of CD
-(Algorithm 2) and CT (Algorithm 3)."""
+"""Training objectives: the EDM loss, the distances d, the consistency loss (eq. 7) of CD
+(Algorithm 2) and CT (Algorithm 3), and the loss of Easy Consistency Tuning (ECT)."""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -79,6 +80,15 @@ def pixel_distance(name: str, huber_c: float | None = None) -> Distance:
     raise ValueError(f"unknown distance {name!r}: use l2, l1, pseudo_huber or lpips")
 
 
+@contextmanager
+def rewound_rng(device: torch.device):
+    """Run a block, then put the RNG (the CPU's, and `device`'s if CUDA) back where it was before
+    it: the next forward of a network draws the dropout masks the block drew."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+
+
 def consistency_loss(student, target, x_n: torch.Tensor, sigma_n: torch.Tensor,
                      x_next: torch.Tensor, sigma_next: torch.Tensor, distance: Distance,
                      weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,8 +97,7 @@ def consistency_loss(student, target, x_n: torch.Tensor, sigma_n: torch.Tensor,
     and no gradient through the target theta^-."""
     # The target sees the student's dropout mask: the RNG state is saved before the student's
     # forward and restored before the target's (openai/consistency_models' consistency_losses).
-    devices = [x_n.device] if x_n.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with rewound_rng(x_n.device):
         pred = student(x_n, sigma_n)
     with torch.no_grad():
         tgt = target(x_next, sigma_next)
@@ -135,3 +144,24 @@ def ct_loss(student, target, x: torch.Tensor, z: torch.Tensor, n: torch.Tensor, 
     weight = ict_weight(s_n, s_next) if weighting == "ict" else None
     return consistency_loss(student, target, x + s_n.reshape(b) * z, s_n, x + s_next.reshape(b) * z, s_next,
                             distance, weight)
+
+
+def ect_loss(student, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+             c: float = 0.0) -> torch.Tensor:
+    """Easy Consistency Tuning (Geng et al. 2025): the batch mean of
+    (sqrt(||f_theta(x_t, t) - f_sg(theta)(x_r, r)||^2 + c^2) - c) / (t - r),
+    x_t = x + t z and x_r = x + r z with one z. The target is the student itself without gradient,
+    evaluated with the dropout mask of f_theta(x_t, t) (its RNG rewound), and x itself where r = 0.
+
+    As locuslab/ect (training/loss.py, ECMLoss); where every r = 0 it skips the target's forward,
+    here the forward always runs (no host synchronisation per step) and its rows are discarded.
+    """
+    b = (-1,) + (1,) * (x.ndim - 1)
+    with rewound_rng(x.device):  # the target's forward below draws the same dropout mask
+        pred = student(x + t.reshape(b) * z, t)
+    with torch.no_grad():
+        # Rows with r = 0 are evaluated at t instead and then replaced by x: the network's time
+        # input ln(sigma) has no value at sigma = 0 (with denormals flushed, ln(0 + 1e-44) = -inf).
+        r_eval = torch.where(r > 0, r, t)
+        target = torch.where(r.reshape(b) > 0, student(x + r_eval.reshape(b) * z, r_eval), x)
+    return (PseudoHuber(c)(pred, target) / (t - r)).mean()

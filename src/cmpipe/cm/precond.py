@@ -107,6 +107,18 @@ class ConsistencyFunction(Preconditioned):
         return c_skip, c_out, c_in
 
 
+class ECTConsistencyFunction(ConsistencyFunction):
+    """ECT's student: EDM's scalings while training, the consistency function's in eval mode.
+
+    As locuslab/ect (training/networks.py, ECMPrecond): in training the boundary is at sigma = 0
+    (c_skip(0) = 1, c_out(0) = 0: f(x, 0) = x, also for t and r below sigma_min; and f starts equal
+    to an EDM teacher's D); evaluation and sampling use the sigma_min boundary above.
+    """
+
+    def scalings(self, sigma):
+        return EDMDenoiser.scalings(self, sigma) if self.training else super().scalings(sigma)
+
+
 class DiffusersEpsTeacher(nn.Module):
     """EDM denoiser D(x; σ) = x - σ ε(x / sqrt(1 + σ²), t(σ)) from a DDPM ε-prediction UNet.
 
@@ -189,6 +201,7 @@ class DiffusersEpsTeacher(nn.Module):
         return (x.float() - s * eps).to(x.dtype)
 
 
-def student_from_teacher(teacher_net: torch.nn.Module, sig: Sigmas) -> ConsistencyFunction:
+def student_from_teacher(teacher_net: torch.nn.Module, sig: Sigmas,
+                         wrapper: type[ConsistencyFunction] = ConsistencyFunction) -> ConsistencyFunction:
     """The student starts from the teacher's weights, with the boundary-condition scalings."""
-    return ConsistencyFunction(copy.deepcopy(teacher_net).requires_grad_(True), sig.sigma_data, sig.sigma_min)
+    return wrapper(copy.deepcopy(teacher_net).requires_grad_(True), sig.sigma_data, sig.sigma_min)

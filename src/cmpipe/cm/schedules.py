@@ -112,3 +112,28 @@ def sample_pair_indices(sigmas: torch.Tensor, batch_size: int, generator: torch.
         p = lognormal_index_probs(sigmas, P_mean, P_std)
         return torch.multinomial(p, batch_size, replacement=True, generator=generator)
     raise ValueError(f"unknown index distribution {distribution!r}: use uniform or lognormal")
+
+
+# --- Easy Consistency Tuning (ECT; Geng et al., "Consistency Models Made Easy", ICLR 2025) ---
+
+def ect_sample_t(batch: int, generator: torch.Generator | None = None, P_mean: float = -1.1,
+                 P_std: float = 2.0) -> torch.Tensor:
+    """ln t ~ N(P_mean, P_std^2) (ECT, section 3; EDM's lognormal with iCT's P_mean, P_std)."""
+    return (torch.randn(batch, generator=generator) * P_std + P_mean).exp()
+
+
+def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0,
+          mapping: str = "sigmoid") -> torch.Tensor:
+    """ECT's mapping r(t): r = max(t (1 - q^-(s+1) n(t)), 0), n(t) = 1 + k sigmoid(-b t) ('sigmoid')
+    or 1 ('const'); stage s = floor(iteration / d), so t - r shrinks by q every stage.
+
+    The exponent s + 1 with s = floor(iteration / d) (stage 0 already has t - r = t n(t) / q) and
+    the clamp at 0 follow locuslab/ect (training/loss.py, t_to_r_sigmoid and update_schedule).
+    """
+    if mapping == "sigmoid":
+        n = 1 + k * torch.sigmoid(-b * t)
+    elif mapping == "const":
+        n = torch.ones_like(t)
+    else:
+        raise ValueError(f"unknown ECT mapping {mapping!r}: use sigmoid or const")
+    return (t * (1 - q ** -(stage + 1) * n)).clamp(min=0)

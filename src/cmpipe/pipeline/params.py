@@ -104,7 +104,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "bf16": _k("bool"),
     },
     "distill": {
-        "mode": _k("str", choices=("cd", "ct")),
+        "mode": _k("str", choices=("cd", "ct", "ect")),
         **TRAINING,
         "dropout": _k("float", min=0.0, max=0.9),
         "metric": _k("str", choices=("l2", "l1", "pseudo_huber", "lpips")),
@@ -124,6 +124,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "ct_index": _k("str", choices=("uniform", "lognormal")),
         "ict_P_mean": _k("float"),
         "ict_P_std": _k("float", min=1e-6),
+        # Easy Consistency Tuning (mode ect; cm/schedules.py ect_r, cm/losses.py ect_loss)
+        "ect_P_mean": _k("float"),
+        "ect_P_std": _k("float", min=1e-6),
+        "ect_q": _k("float", min=1.0, max=1e6),
+        "ect_k": _k("float", min=0.0),
+        "ect_b": _k("float", min=0.0),
+        "ect_mapping": _k("str", choices=("sigmoid", "const")),
+        "ect_stage_images": _k("int", **POS),
+        "ect_huber_c": _k("float", min=0.0),
     },
     "sample": {
         "count": _k("int", **POS),

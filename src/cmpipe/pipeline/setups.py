@@ -1,18 +1,20 @@
-"""The two modes of the distill stage, bound to the pipeline's artifacts and params: CD from the trajectory
-cache (Song et al. 2023, Algorithm 2) and CT from the training images (Algorithm 3)."""
+"""The modes of the distill stage, bound to the pipeline's artifacts and params: CD from the trajectory
+cache (Song et al. 2023, Algorithm 2), CT from the training images (Algorithm 3), and ECT (Geng et
+al. 2025) from the teacher's weights and the training images."""
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
 from cmpipe.cm.karras import Sigmas
-from cmpipe.cm.losses import cd_loss, ct_loss
-from cmpipe.cm.precond import ConsistencyFunction, student_from_teacher
-from cmpipe.cm.schedules import CTSchedule, sample_pair_indices
+from cmpipe.cm.losses import cd_loss, ct_loss, ect_loss
+from cmpipe.cm.precond import ConsistencyFunction, ECTConsistencyFunction, student_from_teacher
+from cmpipe.cm.schedules import CTSchedule, ect_r, ect_sample_t, sample_pair_indices
 from cmpipe.data import ShardError, load_image_split, read_manifest
 from cmpipe.distributed.accel import resident
 from cmpipe.images import to_unit
@@ -28,16 +30,35 @@ from cmpipe.pipeline.params import ParamsError
 from cmpipe.teachers import load_teacher_file
 from cmpipe.training import EpochSampler
 from cmpipe.trajectories import load_pairs
+from cmpipe.util.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
 
 class ConsistencySetup(NamedTuple):
-    """What the training loop of a consistency model needs from its mode (cd or ct)."""
+    """What the training loop of a consistency model needs from its mode (cd, ct or ect)."""
     student: ConsistencyFunction
     unet: dict  # the student's UNet2DModel config, saved beside its weights
     loss_at: Callable  # (step, generator, target) -> the loss of the step's batch
     inputs: list  # hashes of the data the loss reads: part of the resume fingerprint
+
+
+def student_of_teacher(sig: Sigmas, class_conditional: bool, device, dropout: float, seed: int,
+                       teacher_path: Path = TEACHER, wrapper=ConsistencyFunction):
+    """The student of CD and ECT: the teacher file's EMA UNet under the consistency scalings
+    (`wrapper`), with the student's own dropout rate (`with_dropout`), and the global RNG that draws
+    its dropout masks seeded with `seed`. Returns (student, its UNet config, the teacher's class
+    count or None)."""
+    net, ckpt = load_teacher_file(teacher_path)
+    teacher_classes = num_classes_of(ckpt["unet"])
+    if (teacher_classes is not None) != class_conditional:
+        raise ParamsError(
+            f"model.class_conditional is {str(class_conditional).lower()} but the teacher "
+            f"{teacher_path} is {'class-conditional' if teacher_classes else 'unconditional'}: run "
+            f"`dvc repro teacher` (or adopt a teacher that matches)")
+    net, unet = with_dropout(net, ckpt["unet"], dropout)
+    torch.manual_seed(seed)  # the dropout masks (the data and the noise have their own generators)
+    return student_from_teacher(net, sig, wrapper).to(device), unet, teacher_classes
 
 
 def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slice | None = None,
@@ -54,22 +75,14 @@ def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slic
     if cache["num_scales"] != sig.num_scales:
         raise ShardError(f"the trajectory cache was made on a {cache['num_scales']}-point grid but "
                          f"diffusion.num_scales = {sig.num_scales}; run `dvc repro trajectories`")
-    net, ckpt = load_teacher_file(teacher_path)
-    teacher_classes = num_classes_of(ckpt["unet"])
-    if (teacher_classes is not None) != class_conditional:
-        raise ParamsError(
-            f"model.class_conditional is {str(class_conditional).lower()} but the teacher "
-            f"{teacher_path} is {'class-conditional' if teacher_classes else 'unconditional'}: run "
-            f"`dvc repro teacher` (or adopt a teacher that matches)")
+    student, unet, teacher_classes = student_of_teacher(sig, class_conditional, device, d.dropout, d.seed,
+                                                        teacher_path)
     n_all, xn_all, xnext_all, y_all = load_pairs([Path(s["path"]) for s in cache["shards"]], cache["shape"])
     if (y_all is None) != (teacher_classes is None):
         raise ShardError(f"the trajectory cache {cache_dir} and the teacher {teacher_path} disagree on class "
                          f"labels; rebuild the cache with `dvc repro trajectories`")
     n_all, xn_all, xnext_all = (resident(t, device) for t in (n_all, xn_all, xnext_all))
     log.info("cd: %d cached pairs, the student starts from the teacher's EMA", len(n_all))
-    net, unet = with_dropout(net, ckpt["unet"], d.dropout)
-    torch.manual_seed(d.seed)  # the student's dropout masks (the data and noise have their own generators)
-    student = student_from_teacher(net, sig).to(device)
     sampler = EpochSampler(len(n_all), d.batch_size, d.seed)
 
     def loss_at(step, g, target):
@@ -133,3 +146,48 @@ def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric, pa
 
     inputs = [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]]
     return ConsistencySetup(student, cfg_unet, loss_at, inputs)
+
+
+def ect_setup(d, sig: Sigmas, class_conditional: bool, steps: int, device, part: slice | None = None,
+              manifest_path: Path = MANIFEST, teacher_path: Path = TEACHER) -> ConsistencySetup:
+    """ECT (Geng et al. 2025): the student starts from the teacher's EMA as in CD (dropout
+    `distill.dropout`) and learns from the training images as CT, with
+    no ODE solver and no target EMA: ln t ~ N(ect_P_mean, ect_P_std^2), r = ect_r(t, stage) with
+    stage s = floor(step / d), d = ect_stage_images / batch_size steps, and `ect_loss`.
+
+    Under torchrun t, z and r are drawn for the global batch and this rank keeps its rows (`part`).
+    """
+    stage_steps = max(1, d.ect_stage_images // d.batch_size)
+    last = (steps - 1) // stage_steps
+    # t - r = t q^-(s+1) n(t): past 2^-20 of t it is lost in float32's rounding of r (then t - r = 0).
+    if (last + 1) * math.log2(d.ect_q) > 20:
+        raise ParamsError(f"distill.ect_q = {d.ect_q} over {last + 1} stages (distill.images / "
+                          f"distill.ect_stage_images) shrinks t - r below t / 2^20, which float32 cannot "
+                          f"resolve: raise distill.ect_stage_images or lower distill.ect_q")
+    student, unet, classes = student_of_teacher(sig, class_conditional, device, d.dropout, d.seed, teacher_path,
+                                                ECTConsistencyFunction)
+    manifest = read_manifest(manifest_path)
+    if classes is not None and classes != len(manifest["class_names"]):
+        raise ShardError(f"the teacher {teacher_path} has {classes} classes but the shards have "
+                         f"{len(manifest['class_names'])}; run `dvc repro teacher`")
+    images, labels = load_image_split(manifest_path, role="train")
+    log.info("ect: %d training images, the student starts from the teacher's EMA (dropout %s); %d "
+             "stage(s) of %d steps, q = %g, mapping %s", len(images), unet.get("dropout"), last + 1,
+             stage_steps, d.ect_q, d.ect_mapping)
+    sampler = EpochSampler(len(images), d.batch_size, d.seed)
+
+    def loss_at(step, g, target):  # `target` is unused: the student is its own target
+        i = sampler.indices(step)
+        x = to_unit(images[i])
+        t = ect_sample_t(len(x), g, d.ect_P_mean, d.ect_P_std)
+        z = torch.randn(x.shape, generator=g)  # drawn for the global batch, whatever the world size
+        r = ect_r(t, step // stage_steps, d.ect_q, d.ect_k, d.ect_b, d.ect_mapping)
+        if part is not None:
+            i, x, z, t, r = i[part], x[part], z[part], t[part], r[part]
+        y = labels[i].to(device) if classes else None
+        return ect_loss(student.with_labels(y), x.to(device), z.to(device), t.to(device), r.to(device),
+                        d.ect_huber_c)
+
+    inputs = [[s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]],
+              sha256_file(teacher_path)]
+    return ConsistencySetup(student, unet, loss_at, inputs)
