@@ -36,7 +36,7 @@ repro: setup
 	$(BIN)/dvc repro
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 bench: setup
 	$(BIN)/python -m cmpipe.bench distill-step
