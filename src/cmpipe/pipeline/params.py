@@ -105,6 +105,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "distill": {
         "mode": _k("str", choices=("cd", "ct", "ect")),
+        "pairs": _k("str", choices=("cache", "online")),
         **TRAINING,
         "dropout": _k("float", min=0.0, max=0.9),
         "metric": _k("str", choices=("l2", "l1", "pseudo_huber", "lpips")),

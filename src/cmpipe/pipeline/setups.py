@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from cmpipe.cm.karras import Sigmas
-from cmpipe.cm.losses import cd_loss, ct_loss, ect_loss
+from cmpipe.cm.losses import cd_loss, cd_loss_online, ct_loss, ect_loss
 from cmpipe.cm.precond import ConsistencyFunction, ECTConsistencyFunction, student_from_teacher
 from cmpipe.cm.schedules import CTSchedule, ect_r, ect_sample_t, sample_pair_indices
 from cmpipe.data import ShardError, load_image_split, read_manifest
@@ -27,7 +27,7 @@ from cmpipe.networks import (
 )
 from cmpipe.pipeline.layout import MANIFEST, TEACHER, TRAJECTORIES
 from cmpipe.pipeline.params import ParamsError
-from cmpipe.teachers import load_teacher_file
+from cmpipe.teachers import load_teacher, load_teacher_file
 from cmpipe.training import EpochSampler
 from cmpipe.trajectories import load_pairs
 from cmpipe.util.hashing import sha256_file
@@ -62,12 +62,16 @@ def student_of_teacher(sig: Sigmas, class_conditional: bool, device, dropout: fl
 
 
 def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slice | None = None,
-             cache_dir: Path = TRAJECTORIES, teacher_path: Path = TEACHER) -> ConsistencySetup:
-    """CD from the trajectory cache: the student starts from the teacher's EMA and each step
-    reads a batch of cached Heun pairs (params `distill`: batch_size, seed, huber_c, weighting).
+             cache_dir: Path = TRAJECTORIES, teacher_path: Path = TEACHER,
+             manifest_path: Path = MANIFEST) -> ConsistencySetup:
+    """CD: the student starts from the teacher's EMA and each step reads a batch of Heun pairs
+    (params `distill`: batch_size, seed, dropout, weighting), from the trajectory cache
+    (distill.pairs = cache) or made by the teacher inside the step (online).
 
     Under torchrun, `part` is this rank's rows of the global batch.
     """
+    if d.pairs == "online":
+        return cd_online_setup(d, sig, class_conditional, device, metric, part, manifest_path, teacher_path)
     cache_file = Path(cache_dir) / "cache.json"
     if not cache_file.exists():
         raise ShardError(f"{cache_file} not found: run `dvc repro trajectories` first")
@@ -95,6 +99,39 @@ def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slic
                        sig, metric, d.weighting)
 
     inputs = [[s["sha256"] for s in cache["shards"]], cache["teacher_sha256"]]
+    return ConsistencySetup(student, unet, loss_at, inputs)
+
+
+def cd_online_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slice | None,
+                    manifest_path: Path, teacher_path: Path) -> ConsistencySetup:
+    """CD as Algorithm 2 draws it: every step a fresh (x, n, z) and the teacher's Heun step from
+    sigma_n to sigma_{n+1} (`cd_loss_online`), no pair read twice. Costs the teacher's two
+    evaluations per image in the step, the price the cache pays once per pair."""
+    student, unet, teacher_classes = student_of_teacher(sig, class_conditional, device, d.dropout, d.seed,
+                                                        teacher_path)
+    teacher = load_teacher(teacher_path, sig.sigma_data, device)
+    manifest = read_manifest(manifest_path)
+    if teacher_classes is not None and teacher_classes != len(manifest["class_names"]):
+        raise ShardError(f"the teacher {teacher_path} has {teacher_classes} classes but the shards have "
+                         f"{len(manifest['class_names'])}; run `dvc repro teacher`")
+    images, labels = load_image_split(manifest_path, role="train")
+    log.info("cd: %d training images, the teacher's Heun pairs made in each step (online); the student "
+             "starts from the teacher's EMA", len(images))
+    sampler = EpochSampler(len(images), d.batch_size, d.seed)
+
+    def loss_at(step, g, target):
+        i = sampler.indices(step)
+        x = to_unit(images[i])
+        n = torch.randint(sig.num_scales - 1, (len(x),), generator=g)
+        z = torch.randn(x.shape, generator=g)  # drawn for the global batch, whatever the world size
+        if part is not None:
+            i, x, n, z = i[part], x[part], n[part], z[part]
+        y = labels[i].to(device) if teacher_classes else None
+        return cd_loss_online(student.with_labels(y), target.with_labels(y), teacher.with_labels(y),
+                              x.to(device), n.to(device), z.to(device), sig, metric, d.weighting)
+
+    inputs = [[s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]],
+              sha256_file(teacher_path)]
     return ConsistencySetup(student, unet, loss_at, inputs)
 
 
