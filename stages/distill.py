@@ -10,9 +10,11 @@ the training images of data/shards and starts from random weights: no teacher, n
 ect (Geng et al. 2025) starts from the teacher's EMA weights and reads the training images: no
 cache, no ODE solver, and no target EMA (the student is its own target).
 Outputs data/student/model.pt (weights "model", the target theta^- "target", in ect the student
-itself, and the evaluation EMA "ema" that sampling uses) and reports/distill/ (dvclive curves and
-samples.png: one-step samples of the evaluation EMA). A killed run resumes from
-data/.resume/distill.pt.
+itself, and the evaluation EMA "ema" that sampling uses: of several distill.ema_decays, the one
+whose held-out one-step samples have the lowest FID, each also kept as "ema_<decay>") and
+reports/distill/ (dvclive curves, heldout_fid.csv: the one-step held-out FID of every EMA against
+training images, ema_selection.json: the choice, and samples.png: one-step samples of the chosen
+EMA). A killed run resumes from data/.resume/distill.pt.
 """
 from __future__ import annotations
 
@@ -31,10 +33,11 @@ from cmpipe.pipeline.config import (
     sigmas_from,
     train_config_from,
 )
+from cmpipe.pipeline.ema import HeldoutFID, check_heldout_fid, evaluation_ema, scores_heldout_fid
 from cmpipe.pipeline.layout import DISTILL_REPORT as REPORT, DISTILL_RESUME as RESUME, STUDENT as OUT
 from cmpipe.pipeline.setups import cd_setup, ct_setup, ect_setup
 from cmpipe.pipeline.stage import run_stage
-from cmpipe.sample_sets import cm_sampler, generate, preview_plan
+from cmpipe.sample_sets import class_labels, cm_sampler, generate, preview_plan
 from cmpipe.training import ema_update, train
 from cmpipe.util.hashing import fingerprint_of
 
@@ -50,6 +53,7 @@ def check_switches(d):
         ct_schedule_from(d, 1)
     except ValueError as e:
         raise params.ParamsError(f"params.yaml: {e}") from None
+    check_heldout_fid(d, "distill")
 
 
 def main():
@@ -94,21 +98,30 @@ def main():
     # dropout it sees the student's mask (cm.losses.consistency_loss).
     targets = {} if ect else {"target": copy.deepcopy(student).requires_grad_(False).train()}
     fp = fingerprint_of(vars(d), vars(p.diffusion), vars(p.model), inputs)
-    emas = train(student, loss_fn, cfg, RESUME, REPORT, fp, device, emas=targets, dist=dist, accel=accel)
+    shape = (unet["in_channels"], unet["sample_size"], unet["sample_size"])
+    heldout_labels = class_labels(student.num_classes, d.heldout_fid_seed)
+    scorer = HeldoutFID(d, lambda m: cm_sampler(m, sig, [0], d.heldout_fid_seed, shape, heldout_labels), shape,
+                        device) if scores_heldout_fid(d) else None
+    history = []
+    emas = train(student, loss_fn, cfg, RESUME, REPORT, fp, device, emas=targets, dist=dist, accel=accel,
+                 evaluate=scorer, history_out=history)
     if not ect:
         ema_update(emas["target"], student, sched.mu_at(cfg.steps - 1))  # the update after the last step
-    if not dist.is_main:  # rank 0 alone writes the model and the grid
+    if not dist.is_main:  # rank 0 alone chooses the EMA and writes the model and the grid
         return
+    best, choice = evaluation_ema(d, history, REPORT)
+    others = {n: m.net.state_dict() for n, m in emas.items() if n not in ("ema", "target")}
     save_model(OUT, "consistency", unet,
-               {"ema": emas["ema"].net.state_dict(), "target": (student if ect else emas["target"]).net.state_dict(),
-                "model": student.net.state_dict()},
+               {"ema": emas[best].net.state_dict(), "target": (student if ect else emas["target"]).net.state_dict(),
+                "model": student.net.state_dict(), **others},
                {"sigma_data": sig.sigma_data, "sigma_min": sig.sigma_min, "sigma_max": sig.sigma_max,
                 "rho": sig.rho, "num_scales": sig.num_scales, "mode": d.mode,
-                "metric": metric_name, "weighting": weighting, "images": d.images})
+                "pairs": d.pairs if d.mode == "cd" else None,
+                "metric": metric_name, "weighting": weighting, "images": d.images,
+                "ema_decay": choice["chosen_decay"]})
     RESUME.unlink(missing_ok=True)
 
-    ema = emas["ema"].eval()
-    shape = (unet["in_channels"], unet["sample_size"], unet["sample_size"])
+    ema = emas[best].eval()
     count, grid_labels = preview_plan(ema.num_classes)  # one row per class if conditional
     imgs, _ = generate(cm_sampler(ema, sig, [0], d.seed, shape, grid_labels), count, 64, shape, d.seed, device,
                        "one-step grid")

@@ -4,7 +4,9 @@
 
 Reads params `model`, `teacher` and diffusion.{sigma_data, sigma_min, sigma_max, rho};
 inputs data/shards; outputs data/teacher/model.pt and reports/teacher/ (dvclive
-curves of loss, learning rate and images/s, and samples.png: EMA samples by Heun).
+curves of loss, learning rate and images/s, heldout_fid.csv: the FID of held-out DPM-Solver++ samples
+of every EMA against training images, ema_selection.json: which of teacher.ema_decays was chosen, and samples.png: its samples by Heun).
+The file's "ema" weights are the chosen EMA; with several decays each is kept too ("ema_<decay>").
 A killed run resumes from data/.resume/teacher.pt on the next `dvc repro`.
 """
 from __future__ import annotations
@@ -31,9 +33,10 @@ from cmpipe.networks import (
 )
 from cmpipe.pipeline import params
 from cmpipe.pipeline.config import sigmas_from, train_config_from
+from cmpipe.pipeline.ema import HeldoutFID, check_heldout_fid, evaluation_ema, scores_heldout_fid
 from cmpipe.pipeline.layout import MANIFEST, TEACHER as OUT, TEACHER_REPORT as REPORT, TEACHER_RESUME as RESUME
 from cmpipe.pipeline.stage import run_stage
-from cmpipe.sample_sets import generate, heun_sampler, preview_plan
+from cmpipe.sample_sets import class_labels, dpm_sampler, generate, heun_sampler, preview_plan
 from cmpipe.teachers import adopt_diffusers_teacher, load_teacher
 from cmpipe.training import EpochSampler, train
 from cmpipe.util.hashing import fingerprint_of
@@ -54,6 +57,8 @@ def main():
     part = dist.part(t.batch_size) if dist.enabled else None  # checks the split before any work
     accel = Accel.from_params(p.accel, device)
     accel.configure()
+    if not t.checkpoint:
+        check_heldout_fid(t, "teacher")
     if REPORT.exists() and dist.is_main:
         shutil.rmtree(REPORT)
 
@@ -96,12 +101,21 @@ def main():
         cfg = train_config_from(t, "teacher")
         fp = fingerprint_of(vars(p.model), vars(t), sig.sigma_data,
                             [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]])
-        emas = train(model, loss_fn, cfg, RESUME, REPORT, fp, device, dist=dist, accel=accel)
-        ema = emas["ema"]
+        # Each EMA's held-out FID: DPM-Solver++(2M) samples, denoisings clipped as in `sample`.
+        heldout_labels = class_labels(num_classes, t.heldout_fid_seed)
+        scorer = HeldoutFID(t, lambda m: dpm_sampler(m, sig, t.heldout_fid_nfe, heldout_labels, True), (c, h, w),
+                            device) if scores_heldout_fid(t) else None
+        history = []
+        emas = train(model, loss_fn, cfg, RESUME, REPORT, fp, device, dist=dist, accel=accel, evaluate=scorer,
+                     history_out=history)
         if not dist.is_main:  # rank 0 alone writes the model and the grid
             return
-        save_model(OUT, "edm_teacher", cfg_unet, {"ema": ema.net.state_dict(), "model": net.state_dict()},
-                   {"sigma_data": sig.sigma_data, "images": t.images, "seed": t.seed})
+        best, choice = evaluation_ema(t, history, REPORT)
+        ema = emas[best]
+        others = {n: m.net.state_dict() for n, m in emas.items() if n != "ema"}
+        save_model(OUT, "edm_teacher", cfg_unet, {"ema": ema.net.state_dict(), "model": net.state_dict(), **others},
+                   {"sigma_data": sig.sigma_data, "images": t.images, "seed": t.seed,
+                    "ema_decay": choice["chosen_decay"]})
         RESUME.unlink(missing_ok=True)
 
     # EMA samples with Heun on the Karras grid: a fixed seed, so grids compare across runs.

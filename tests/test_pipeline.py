@@ -110,13 +110,19 @@ def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
 
 def test_exp_run_of_a_distill_key_reruns_distill_and_after_only(smoke_repo):
     repo, env, _ = smoke_repo
-    r = run(["dvc", "exp", "run", "-S", "distill.lr=0.0003", "-n", "lr3e-4"], repo, env)
+    # Online CD (the teacher's Heun step inside each training step) from the same teacher.
+    r = run(["dvc", "exp", "run", "-S", "distill.lr=0.0003", "-S", "distill.pairs=online", "-n", "lr3e-4"],
+            repo, env)
     out = r.stdout + r.stderr
     assert ran_stages(out) == {"distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
+    assert "Heun pairs made in each step (online)" in out
     m = read_metrics(repo)
     assert all(math.isfinite(v) for v in m["fid"].values())
+    # The smoke params keep two evaluation EMAs: both scored, the lower FID chosen and saved as "ema".
+    choice = json.loads((repo / "reports/distill/ema_selection.json").read_text())
+    assert set(choice["fid"]) == {"ema_0.9", "ema_0.5"} and choice["chosen"] == min(choice["fid"], key=choice["fid"].get)
     show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
-    assert "lr3e-4" in show and "distill.lr" in show
+    assert "lr3e-4" in show and "distill.lr" in show and "distill.pairs" in show
 
 
 def test_a_sample_key_reruns_sampling_only(smoke_repo):

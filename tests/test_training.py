@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cmpipe.pipeline.config import train_config_from
-from cmpipe.training import EpochSampler, TrainConfig, ema_update, train
+from cmpipe.training import EpochSampler, TrainConfig, ema_names, ema_update, train
 from cmpipe.util.fileio import atomic_save
 from cmpipe.util.seeding import seeded_generator
 
@@ -111,6 +111,42 @@ def test_config_from_a_params_section():
         s = params.validate_section(section, y[section])
         cfg = train_config_from(s, section, log_every=7)
         assert (cfg.images, cfg.batch_size, cfg.lr, cfg.optimizer) == (s.images, s.batch_size, s.lr, s.optimizer)
-        assert cfg.ema_decays == {"ema": s.ema_decay} and cfg.seed == s.seed and cfg.name == section
+        assert cfg.ema_decays == ema_names(s.ema_decays) and cfg.seed == s.seed and cfg.name == section
         assert cfg.log_every == 7 and cfg.checkpoint_every == s.checkpoint_every  # overrides win
         assert cfg.steps == math.ceil(s.images / s.batch_size)
+
+
+def test_evaluation_scores_the_emas_on_schedule_and_changes_no_weight(tmp_path):
+    """`evaluate` is called every eval_every images and after the last step, on the EMAs of
+    cfg.ema_decays; its scores join the logged rows, it draws from the global RNG without changing
+    the run, and a resumed run's history keeps the scores made before the interruption."""
+    cfg = config(eval_every=24, ema_decays={"ema": 0.9})
+    calls = []
+
+    def evaluate(images, emas):
+        calls.append(images)
+        assert set(emas) == {"ema"}
+        torch.rand(5)  # a sampler drawing from the global RNG must not change the training run
+        return {"heldout_fid": {"ema": float(images)}}
+
+    m0, m1 = make(), make()
+    plain = train(m0, loss_fn_for(m0, EpochSampler(40, 4, 3)), config(ema_decays={"ema": 0.9}), tmp_path / "p.pt",
+                  None, "fp", torch.device("cpu"))
+    history = []
+    scored = train(m1, loss_fn_for(m1, EpochSampler(40, 4, 3)), cfg, tmp_path / "a.pt", None, "fp",
+                   torch.device("cpu"), evaluate=evaluate, history_out=history)
+    assert calls == [24, 48, 72, 80]
+    assert [r["images"] for r in history if "heldout_fid/ema" in r] == [24, 48, 72, 80]
+    assert all(r["heldout_fid/ema"] == r["images"] for r in history if "heldout_fid/ema" in r)
+    for a, b in zip(plain["ema"].parameters(), scored["ema"].parameters()):
+        assert torch.equal(a, b)
+
+    m2 = make()
+    with pytest.raises(KeyboardInterrupt):
+        train(m2, loss_fn_for(m2, EpochSampler(40, 4, 3), stop_at=17), cfg, tmp_path / "b.pt", None, "fp",
+              torch.device("cpu"), evaluate=evaluate)
+    resumed = []
+    m3 = make()
+    train(m3, loss_fn_for(m3, EpochSampler(40, 4, 3)), cfg, tmp_path / "b.pt", None, "fp", torch.device("cpu"),
+          evaluate=evaluate, history_out=resumed)
+    assert [r["images"] for r in resumed if "heldout_fid/ema" in r] == [24, 48, 72, 80]

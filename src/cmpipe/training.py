@@ -72,6 +72,22 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float):
         b_ema.copy_(b)
 
 
+def ema_name(decay: float) -> str:
+    """The weights' name of the EMA with `decay` in a saved model, e.g. 'ema_0.999'."""
+    return f"ema_{decay:g}"
+
+
+def ema_names(decays: list[float]) -> dict[str, float]:
+    """{name: decay} of the training loop's EMAs; one decay keeps the plain name 'ema'."""
+    if len(decays) == 1:
+        return {"ema": float(decays[0])}
+    names = {ema_name(d): float(d) for d in decays}
+    if len(names) != len(decays):
+        raise ValueError(f"ema_decays = {decays} lists a decay twice (names are 'ema_<decay>' with 6 "
+                         f"significant digits)")
+    return names
+
+
 @dataclass
 class TrainConfig:
     images: int
@@ -85,6 +101,7 @@ class TrainConfig:
     seed: int
     name: str = "train"
     optimizer: str = "adam"  # adam | radam (Song et al. 2023 train CD and CT with RAdam)
+    eval_every: int | None = None  # images between calls of train(evaluate=...); it is also called at the end
 
     @property
     def steps(self) -> int:
@@ -102,11 +119,14 @@ def _state_of(module: nn.Module) -> dict:
 
 
 LossFn = Callable[[int, torch.Generator, dict], torch.Tensor]
+# (images seen, {name: EMA}) -> {score: {name: value}}, e.g. {"heldout_fid": {"ema_0.99": 151.2}}.
+EvalFn = Callable[[int, dict], dict]
 
 
 def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path,
           live_dir: Path | None, fingerprint: str, device: torch.device,
-          emas: dict | None = None, dist: Dist = SINGLE, accel: Accel = PLAIN) -> dict:
+          emas: dict | None = None, dist: Dist = SINGLE, accel: Accel = PLAIN,
+          evaluate: EvalFn | None = None, history_out: list | None = None) -> dict:
     """Run `cfg.steps` optimizer steps of `loss_fn(step, generator, emas)`.
 
     `emas` maps a name to an EMA copy of `model` (created from `model` when
@@ -116,6 +136,10 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path
     rank's `loss_fn` takes its part of the global batch (`Dist.part`), DDP
     averages the gradients, and rank 0 alone writes checkpoints and logs.
     `accel` (CUDA only) adds bf16 autocast, channels-last and torch.compile.
+    `evaluate` (rank 0 only) scores the evaluation EMAs (those of `cfg.ema_decays`) every
+    `cfg.eval_every` images and after the last step; its scores join that step's logged row as
+    "<score>/<name>" (dvclive curves), under the global RNG state of the step, which it cannot
+    change. `history_out`, if given, receives every logged row (resumed ones included).
     """
     emas = dict(emas or {})
     for name in cfg.ema_decays:
@@ -159,6 +183,7 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path
 
     steps_per_ckpt = max(1, cfg.checkpoint_every // cfg.batch_size)
     steps_per_log = max(1, cfg.log_every // cfg.batch_size)
+    steps_per_eval = max(1, cfg.eval_every // cfg.batch_size) if cfg.eval_every else None
     loss_sum, loss_n, t_last, step_last = torch.zeros((), device=device), 0, time.perf_counter(), start
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.name,
@@ -181,7 +206,9 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path
         loss_n += 1
 
         done = step + 1
-        if done % steps_per_log == 0 or done == cfg.steps:
+        # The same on every rank: a logged row is an all-reduce.
+        eval_now = evaluate is not None and (done == cfg.steps or bool(steps_per_eval and done % steps_per_eval == 0))
+        if done % steps_per_log == 0 or done == cfg.steps or eval_now:
             # The only host synchronisation of the loop: at logging intervals.
             mean_loss = all_reduce_mean(dist, loss_sum / loss_n).item()
             if not math.isfinite(mean_loss):
@@ -191,6 +218,11 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path
             now = time.perf_counter()
             row = {"step": done, "loss": mean_loss, "lr": lr, "images": done * cfg.batch_size,
                    "images_per_sec": (done - step_last) * cfg.batch_size / max(now - t_last, 1e-9)}
+            if eval_now and dist.is_main:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    scores = evaluate(done * cfg.batch_size, {n: emas[n] for n in cfg.ema_decays})
+                row.update({f"{k}/{n}": float(v) for k, group in scores.items() for n, v in group.items()})
+                now = time.perf_counter()  # the throughput of the next row leaves the evaluation out
             history.append(row)
             if live is not None:
                 for k, v in row.items():
@@ -210,6 +242,8 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path
     unwrap_ddp(model)
     if live is not None:
         live.end()
+    if history_out is not None:
+        history_out.extend(history)
     return emas
 
 

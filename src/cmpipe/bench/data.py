@@ -65,7 +65,7 @@ def loader(batch_size: int | None = None, steps: int = 5, params_file: str = "pa
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
-        ema_update(ema, model, t.ema_decay)
+        ema_update(ema, model, t.ema_decays[0])
 
     dl = image_loader(files, b, workers, shuffle_buffer, seed, shape=shape, pin_memory=dev.type == "cuda")
 

@@ -19,7 +19,7 @@ from cmpipe.errors import ParamsError  # noqa: F401
 
 @dataclass(frozen=True)
 class Key:
-    type: str  # int | float | bool | str | int_list | bool_list | ts_map
+    type: str  # int | float | bool | str | int_list | float_list | ts_map
     min: float | None = None
     max: float | None = None
     choices: tuple | None = None
@@ -43,7 +43,16 @@ TRAINING = {
     "grad_clip": _k("float", min=0.0, nullable=True),
     "checkpoint_every": _k("int", **POS),
     "log_every": _k("int", **POS),
+    # Evaluation EMAs: several decays are all kept, and the one whose held-out samples score the
+    # lowest FID after the last step is used (cmpipe.pipeline.ema): heldout_fid_count samples drawn
+    # with heldout_fid_seed, also every heldout_fid_every images (a curve; null = at the end only).
+    "ema_decays": _k("float_list", min=0.0, max=0.999999),
+    "heldout_fid_every": _k("int", min=1, nullable=True),
+    "heldout_fid_count": _k("int", min=2),
+    "heldout_fid_seed": _k("int", min=0),
 }
+# Keys that were renamed: an old params.yaml gets the new name instead of "unknown key".
+RENAMED = {"ema_decay": "ema_decays (a list, e.g. [0.99, 0.999]: every EMA is kept and the best is used)"}
 SCHEMA: dict[str, dict[str, Key]] = {
     "shard": {
         "source": _k("str", choices=("fashion_mnist", "mnist", "cifar10", "image_folder", "npz")),
@@ -90,7 +99,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "teacher": {
         "checkpoint": _k("str", nullable=True),
         **TRAINING,
-        "ema_decay": _k("float", min=0.0, max=1.0),
+        "heldout_fid_nfe": _k("int", min=1),
         "P_mean": _k("float"),
         "P_std": _k("float", min=1e-6),
         "grid_steps": _k("int", min=1, max=1000),
@@ -115,7 +124,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "weighting": _k("str", choices=("uniform", "ict")),
         "mu_schedule": _k("str", choices=("fixed", "ct", "ct_paper")),
         "mu": _k("float", min=0.0, max=1.0),
-        "ema_decay": _k("float", min=0.0, max=1.0),
         "ct_num_scales": _k("str", choices=("ct", "ict")),
         "ct_s0": _k("int", min=2),
         "ct_s1": _k("int", min=2),
@@ -213,6 +221,13 @@ def _validate_value(name: str, v: Any, spec: Key) -> Any:
         for x in v:
             _check_number(name, x, spec)
         v = list(v)
+    elif t == "float_list":
+        if (not isinstance(v, list) or not v
+                or not all((_is_int(x) or isinstance(x, float)) and math.isfinite(x) for x in v)):
+            raise ParamsError(f"params.yaml: {name} = {v!r} must be a non-empty list of numbers")
+        v = [float(x) for x in v]
+        for x in v:
+            _check_number(name, x, spec)
     elif t == "ts_map":
         if not isinstance(v, dict):
             raise ParamsError(f"params.yaml: {name} must map a step count to a list of grid indices, "
@@ -244,6 +259,9 @@ def validate_section(section: str, values: Any) -> SimpleNamespace:
     if not isinstance(values, dict):
         raise ParamsError(f"params.yaml: section {section} must be a mapping of keys to values")
     unknown = sorted(set(values) - set(schema))
+    renamed = [k for k in unknown if k in RENAMED]
+    if renamed:
+        raise ParamsError(f"params.yaml: {section}.{renamed[0]} was renamed to {section}.{RENAMED[renamed[0]]}")
     if unknown:
         raise ParamsError(f"params.yaml: unknown key {section}.{unknown[0]} "
                           f"(known keys of {section}: {', '.join(schema)})")
