@@ -2,9 +2,11 @@
 
     python -m stages.trajectories
 
-Reads params `trajectories` and `diffusion`; inputs data/shards and data/teacher/model.pt;
-outputs data/trajectories/ (webdataset shards of key, n, x_n, x_hat_{n+1} and
-cache.json) and reports/trajectories.json (pairs per second).
+Reads params `trajectories`, `diffusion` and distill.{mode, pairs}; inputs data/shards and
+data/teacher/model.pt; outputs data/trajectories/ (webdataset shards of key, n, x_n, x_hat_{n+1}
+and cache.json) and reports/trajectories.json (pairs per second). Only CD from the cache reads
+the pairs: with distill.mode ct or ect, or distill.pairs online, the stage writes an empty cache
+that says why, in seconds.
 """
 from __future__ import annotations
 
@@ -25,10 +27,25 @@ from cmpipe.util.fileio import atomic_write_json
 log = logging.getLogger("stages.trajectories")
 
 
+def unused_because(d) -> str | None:
+    """Why distill will not read a cache (params `distill`), or None when it will."""
+    if d.mode != "cd":
+        return f"distill.mode is {d.mode}"
+    if d.pairs != "cache":
+        return f"distill.pairs is {d.pairs}"
+    return None
+
+
 def main():
-    p = params.load_many("trajectories", "diffusion")
+    p = params.load_many("trajectories", "diffusion", "distill")
     t, sig = p.trajectories, sigmas_from(p.diffusion)
     manifest = read_manifest(MANIFEST)
+    skip = unused_because(p.distill)
+    if skip:
+        log.info("no trajectory cache: %s, which does not read one", skip)
+        atomic_write_json(OUT / "cache.json", {"count": 0, "unused": skip, "shards": []})
+        atomic_write_json(REPORT, {"pairs": 0, "unused": skip})
+        return
     dist = distributed.init(t.device)
     device = dist.device(t.device)
     teacher = load_teacher(TEACHER, sig.sigma_data, device)

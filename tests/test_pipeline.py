@@ -114,8 +114,10 @@ def test_exp_run_of_a_distill_key_reruns_distill_and_after_only(smoke_repo):
     r = run(["dvc", "exp", "run", "-S", "distill.lr=0.0003", "-S", "distill.pairs=online", "-n", "lr3e-4"],
             repo, env)
     out = r.stdout + r.stderr
-    assert ran_stages(out) == {"distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
+    # trajectories re-runs on distill.pairs only to leave an empty cache that says why
+    assert ran_stages(out) == {"trajectories", "distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
     assert "Heun pairs made in each step (online)" in out
+    assert json.loads((repo / "data/trajectories/cache.json").read_text())["unused"] == "distill.pairs is online"
     m = read_metrics(repo)
     assert all(math.isfinite(v) for v in m["fid"].values())
     # The smoke params keep two evaluation EMAs: both scored, the lower FID chosen and saved as "ema".
@@ -144,7 +146,7 @@ def test_ict_with_lpips_runs_and_exp_show_carries_mode_and_distance(smoke_repo):
            "distill.weighting=ict", "distill.ct_index=lognormal", "distill.metric=lpips"]
     r = run(["dvc", "exp", "run", "-n", "ict-lpips"] + [a for kv in ict for a in ("-S", kv)], repo, env)
     out = r.stdout + r.stderr
-    assert ran_stages(out) == {"distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
+    assert ran_stages(out) == {"trajectories", "distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
     assert all(math.isfinite(v) for v in read_metrics(repo)["fid"].values())
     assert "| ct lpips (ict weighting)" in (repo / "reports/summary.md").read_text()
     show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout

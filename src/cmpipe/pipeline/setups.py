@@ -76,6 +76,9 @@ def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slic
     if not cache_file.exists():
         raise ShardError(f"{cache_file} not found: run `dvc repro trajectories` first")
     cache = json.loads(cache_file.read_text())
+    if cache.get("unused"):
+        raise ShardError(f"{cache_file} holds no pairs: the trajectories stage ran while {cache['unused']}; run "
+                         f"`dvc repro trajectories` with distill.mode cd and distill.pairs cache")
     if cache["num_scales"] != sig.num_scales:
         raise ShardError(f"the trajectory cache was made on a {cache['num_scales']}-point grid but "
                          f"diffusion.num_scales = {sig.num_scales}; run `dvc repro trajectories`")
