@@ -191,7 +191,7 @@ def list_splits(source: str, path: str | Path) -> list[str]:
 
 def read_source(source: str, path: str | Path, *, download: bool = False, limit: int | None = None,
                 resolution: int | None = None, resize_mode: str = "resize",
-                channels: int | None = None) -> SourceData:
+                channels: int | None = None, alpha_background: str = "white") -> SourceData:
     """Read a source's splits, keeping the first `limit` images of each.
 
     Array sources (fashion_mnist, mnist, cifar10, npz) return their native size; `image_folder`
@@ -207,17 +207,18 @@ def read_source(source: str, path: str | Path, *, download: bool = False, limit:
         if resolution is None or channels is None:
             raise DataError("image_folder needs resolution and channels (its images differ in size)")
         _check_target(resolution, resize_mode, channels)
-        return _read_image_folder(path, limit, resolution, resize_mode, channels)
+        return _read_image_folder(path, limit, resolution, resize_mode, channels, alpha_background)
     if source == "npz":
         return _read_npz(path, limit)
     raise DataError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
 
 
 def load_source(source: str, path: str | Path, *, resolution: int, resize_mode: str = "resize",
-                channels: int = 1, download: bool = False, limit: int | None = None) -> SourceData:
+                channels: int = 1, download: bool = False, limit: int | None = None,
+                alpha_background: str = "white") -> SourceData:
     """Read a source and convert every split to uint8 N×resolution×resolution×channels."""
     data = read_source(source, path, download=download, limit=limit, resolution=resolution,
-                       resize_mode=resize_mode, channels=channels)
+                       resize_mode=resize_mode, channels=channels, alpha_background=alpha_background)
     for name, split in data.splits.items():
         images = transform_images(split.images, resolution, resize_mode, channels,
                                   what=f"{source} {path} split {name}")
@@ -228,7 +229,8 @@ def load_source(source: str, path: str | Path, *, resolution: int, resize_mode: 
 def load_source_from_params(p: Any) -> SourceData:
     """`load_source` driven by the validated `shard` section of params.yaml."""
     return load_source(p.source, p.path, resolution=p.resolution, resize_mode=p.resize_mode,
-                       channels=p.channels, download=p.download, limit=p.limit)
+                       channels=p.channels, download=p.download, limit=p.limit,
+                       alpha_background=p.alpha_background)
 
 
 def check_roles(train_split: str, ref_split: str, available: list[str]) -> None:

@@ -52,6 +52,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "resolution": _k("int", min=4, max=1024),
         "resize_mode": _k("str", choices=("resize", "pad")),
         "channels": _k("int", choices=(1, 3)),
+        "alpha_background": _k("str", choices=("white", "black", "refuse")),
         "limit": _k("int", min=1, nullable=True),
         "images_per_shard": _k("int", **POS),
         "train_split": _k("str"),
