@@ -9,7 +9,6 @@ from PIL import Image
 from cmpipe.data import load_source
 from cmpipe.data.base import DataError
 
-
 # ----------------------------------------------------------------------------- 16-bit and alpha
 
 def test_16bit_gray_png_is_scaled_not_clipped(tmp_path):
