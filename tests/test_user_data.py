@@ -2,8 +2,15 @@
 source, checked caches and weights, one-line errors."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from cmpipe.data import load_source
@@ -62,3 +69,92 @@ def test_alpha_refuse_names_the_file_and_the_key(tmp_path):
     out = load_source("image_folder", tmp_path / "opaque", resolution=4, channels=1,
                       alpha_background="refuse").splits["train"].images
     assert (out == 255).all()
+
+
+# ----------------------------------------------------------------------------- one-line errors
+
+REPO = Path(__file__).resolve().parents[1]
+# every stage that reads params.yaml (report reads none)
+STAGES = ("shard", "fid_ref", "teacher", "trajectories", "distill", "sample", "evaluate", "edit")
+
+
+def _run(work: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *args], cwd=work, env=env, capture_output=True, text=True, check=False,
+                          timeout=300)
+
+
+def _one_line(run: subprocess.CompletedProcess) -> str:
+    lines = [x for x in run.stderr.splitlines() if x.strip()]
+    assert run.returncode != 0 and len(lines) == 1, run.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def broken_yaml(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("broken")
+    good = (REPO / "params.yaml").read_text()
+    text = good.replace("  steps: [1, 2, 3]", "  steps: [1, 2, 3", 1)  # an unclosed flow list
+    assert text != good
+    (work / "params.yaml").write_text(text)
+    return work
+
+
+@pytest.mark.parametrize("entry", [("-m", f"stages.{s}") for s in STAGES]
+                         + [("-m", "cmpipe.pipeline.launch", f"stages.{s}")
+                            for s in ("teacher", "trajectories", "distill", "sample", "evaluate")])
+def test_yaml_syntax_error_is_one_line_in_every_entry_point(broken_yaml, entry):
+    line = _one_line(_run(broken_yaml, *entry))
+    name = entry[-1].rsplit(".", 1)[-1]
+    assert re.fullmatch(rf"({name}|launch): params\.yaml: YAML syntax error at line \d+, column \d+ "
+                        r"\(.+\); fix that line \(`git diff params\.yaml` shows what changed\)", line), line
+
+
+def test_report_without_its_inputs_is_one_line(tmp_path):
+    line = _one_line(_run(tmp_path, "-m", "stages.report"))
+    assert line == ("report: reports/metrics.json or data/samples/sets.json is missing: "
+                    "run `dvc repro evaluate` first"), line
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports/metrics.json").write_text("{not json")
+    assert _one_line(_run(tmp_path, "-m", "stages.report")).startswith(
+        "report: reports/metrics.json: unreadable (Expecting property name")
+
+
+def test_empty_and_mismatched_lists_are_params_errors(tmp_path):
+    from cmpipe.networks import unet_config
+    from cmpipe.pipeline import params
+
+    model = yaml.safe_load((REPO / "params.yaml").read_text())["model"]
+    with pytest.raises(params.ParamsError, match=r"^params\.yaml: model\.block_out_channels = \[\] needs at "
+                                                 r"least 1 item$"):
+        params.validate_section("model", dict(model, block_out_channels=[]))
+    sample = yaml.safe_load((REPO / "params.yaml").read_text())["sample"]
+    with pytest.raises(params.ParamsError, match=r"sample\.steps = \[\] needs at least 1 item"):
+        params.validate_section("sample", dict(sample, steps=[]))
+    with pytest.raises(params.ParamsError, match=r"sample\.ts\.2 = \[0\] must be a list of 2"):
+        params.validate_section("sample", dict(sample, ts={2: [0]}))
+    with pytest.raises(params.ParamsError, match=r"model\.attention_levels \[2\] are not levels of "
+                                                 r"model\.block_out_channels \(0\.\.1\)"):
+        unet_config([32, 64], 1, [2], 0.0, resolution=28, channels=1)
+    with pytest.raises(params.ParamsError, match=r"has 4 levels.*use at most 3 levels"):
+        unet_config([8, 8, 8, 8], 1, [], 0.0, resolution=28, channels=1)
+    # the teacher stage on an empty list: one line naming the key
+    params_yaml = yaml.safe_load((REPO / "params.yaml").read_text())
+    params_yaml["model"]["block_out_channels"] = []
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_yaml, sort_keys=False))
+    line = _one_line(_run(tmp_path, "-m", "stages.teacher"))
+    assert line == "teacher: params.yaml: model.block_out_channels = [] needs at least 1 item", line
+
+
+def test_evaluate_refuses_an_object_array_in_one_line(tmp_path, monkeypatch):
+    from stages import evaluate
+
+    monkeypatch.setattr(evaluate, "SAMPLES", tmp_path)
+    np.savez(tmp_path / "cm_nfe1.npz", images=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(evaluate.EvaluateError, match=r"cm_nfe1\.npz: unreadable sample set \(ValueError: "
+                                                     r"Object arrays cannot be loaded.*rerun `dvc repro -f sample`"):
+        evaluate.load_set("cm_nfe1", {"count": 2}, (28, 28, 1))
+    (tmp_path / "cm_nfe2.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(evaluate.EvaluateError, match=r"cm_nfe2\.npz: unreadable sample set"):
+        evaluate.load_set("cm_nfe2", {"count": 2}, (28, 28, 1))
