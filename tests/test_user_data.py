@@ -158,3 +158,62 @@ def test_evaluate_refuses_an_object_array_in_one_line(tmp_path, monkeypatch):
     (tmp_path / "cm_nfe2.npz").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(evaluate.EvaluateError, match=r"cm_nfe2\.npz: unreadable sample set"):
         evaluate.load_set("cm_nfe2", {"count": 2}, (28, 28, 1))
+
+
+# ----------------------------------------------------------------------------- checked caches
+
+def _cache(root: Path, x_n: float = 0.5) -> list[Path]:
+    from cmpipe.data import write_shards
+    from cmpipe.util.fileio import atomic_write_json
+    from cmpipe.util.hashing import sha256_file
+
+    recs = [{"__key__": f"pair_{i:09d}", "cls": i % 3, "json": {"image": i},
+             "xn.npy": np.full((1, 4, 4), x_n, np.float32), "xnext.npy": np.zeros((1, 4, 4), np.float32)}
+            for i in range(6)]
+    shards = write_shards(root / "shards", iter(recs), maxcount=4, prefix="pairs")
+    atomic_write_json(root / "cache.json", {"count": 6, "shape": [1, 4, 4], "shards": [
+        {"path": str(s), "sha256": sha256_file(s)} for s in shards]})
+    return shards
+
+
+def test_a_modified_trajectory_cache_is_refused(tmp_path):
+    from cmpipe.data import ShardError
+    from cmpipe.trajectories import load_pairs
+
+    root = tmp_path / "data" / "trajectories"
+    shards = _cache(root)
+    n, xn, _, _ = load_pairs(shards, (1, 4, 4))
+    assert len(n) == 6 and float(xn.max()) == 0.5
+    record = (root / "cache.json").read_bytes()
+    _cache(root, x_n=7.0)  # the pairs rewritten with x_n = 7, the old record put back
+    (root / "cache.json").write_bytes(record)
+    with pytest.raises(ShardError, match=rf"{shards[0]}: sha256 \w+ differs from \w+ recorded in "
+                                         rf"{root / 'cache.json'}; the file changed after it was written: "
+                                         r"re-create the cache with `dvc repro -f trajectories`"):
+        load_pairs(shards, (1, 4, 4))
+    shards[1].unlink()
+    _cache(root)  # all good again
+    shards[1].unlink()
+    with pytest.raises(ShardError, match=rf"{shards[1]}, listed in .*cache\.json, is missing: re-create"):
+        load_pairs(shards, (1, 4, 4))
+
+
+def test_a_modified_image_shard_is_refused_by_every_reader(tmp_path):
+    from cmpipe.data import ShardError, load_image_split, shard_paths, write_dataset
+    from cmpipe.data.base import SourceData, Split
+
+    data = SourceData("npz", ["0"])
+    data.splits["train"] = Split(np.zeros((5, 4, 4, 1), np.uint8), np.zeros(5, np.int64))
+    manifest = tmp_path / "data" / "shards" / "manifest.json"
+    write_dataset(data, manifest.parent, 2, {"train": "train", "ref": "train"}, root=tmp_path, progress=False)
+    paths = shard_paths(manifest, role="train")
+    data.splits["train"] = Split(np.full((5, 4, 4, 1), 7, np.uint8), np.zeros(5, np.int64))
+    other = tmp_path / "other"
+    write_dataset(data, other / "data" / "shards", 2, {"train": "train", "ref": "train"}, root=other,
+                  progress=False)
+    paths[0].write_bytes((other / paths[0].relative_to(tmp_path)).read_bytes())
+    fix = r"restore the shards with `dvc checkout data/shards` or re-create them .* `dvc repro -f shard`"
+    with pytest.raises(ShardError, match=rf"{paths[0].name}: sha256 .*{fix}"):
+        shard_paths(manifest, role="train")  # the streaming loader's list of shards
+    with pytest.raises(ShardError, match=rf"{paths[0].name}: sha256 .*{fix}"):
+        load_image_split(manifest, role="train")
