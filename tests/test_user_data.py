@@ -2,6 +2,7 @@
 source, checked caches and weights, one-line errors."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -217,3 +218,64 @@ def test_a_modified_image_shard_is_refused_by_every_reader(tmp_path):
         shard_paths(manifest, role="train")  # the streaming loader's list of shards
     with pytest.raises(ShardError, match=rf"{paths[0].name}: sha256 .*{fix}"):
         load_image_split(manifest, role="train")
+
+
+# ----------------------------------------------------------------------------- held-out split
+
+def _npz(path: Path, n: int = 20) -> tuple[Path, np.ndarray]:
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (n, 6, 6), dtype=np.uint8)
+    np.savez(path, images=images, labels=np.arange(n) % 3)
+    return path, images
+
+
+def test_holdout_is_deterministic_disjoint_and_order_free(tmp_path):
+    from cmpipe.data.sources import hold_out
+
+    path, images = _npz(tmp_path / "d.npz")
+    a = hold_out(load_source("npz", path, resolution=6), 0.25)
+    assert sorted(a.splits) == ["holdout", "train"]
+    assert len(a.splits["holdout"].images) == 5 and len(a.splits["train"].images) == 15
+    b = hold_out(load_source("npz", path, resolution=6), 5)  # a count: the same 5 images
+    assert np.array_equal(a.splits["holdout"].images, b.splits["holdout"].images)
+    held = {im.tobytes() for im in a.splits["holdout"].images}
+    assert not held & {im.tobytes() for im in a.splits["train"].images}  # never trained on
+    # the choice follows the images, not their order in the file
+    perm = np.random.default_rng(1).permutation(20)
+    np.savez(tmp_path / "p.npz", images=images[perm], labels=(np.arange(20) % 3)[perm])
+    c = hold_out(load_source("npz", tmp_path / "p.npz", resolution=6), 0.25)
+    assert {im.tobytes() for im in c.splits["holdout"].images} == held
+    with pytest.raises(DataError, match=r"shard\.holdout = 20\.0 holds out 20 of the 20 images"):
+        hold_out(load_source("npz", path, resolution=6), 20.0)
+    with pytest.raises(DataError, match=r"shard\.holdout = 2\.5 is neither a fraction"):
+        hold_out(load_source("npz", path, resolution=6), 2.5)
+
+
+def test_shard_stage_holds_out_the_reference_of_a_flat_folder(tmp_path, monkeypatch):
+    from cmpipe.pipeline.stage import run_stage
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(2)
+    for i in range(10):
+        f = root / ("a" if i % 2 else "b") / f"{i}.png"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8)).save(f)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["shard"].update(source="image_folder", path=str(root), resolution=5, ref_split="train")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.syspath_prepend(str(REPO))
+    from stages import shard as stage
+
+    params["shard"]["ref_split"] = "test"
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(SystemExit, match=r"shard\.ref_split = 'test' is not a split.*shard\.holdout: 0\.1 "
+                                         r"and shard\.ref_split: holdout"):
+        run_stage("shard", stage.main)
+    params["shard"].update(holdout=3, ref_split="holdout")
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stage("shard", stage.main)
+    manifest = json.loads((work / "data/shards/manifest.json").read_text())
+    assert manifest["roles"] == {"train": "train", "ref": "holdout"}
+    assert manifest["splits"]["holdout"]["count"] == 3 and manifest["splits"]["train"]["count"] == 7

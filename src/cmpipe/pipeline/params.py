@@ -58,6 +58,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "images_per_shard": _k("int", **POS),
         "train_split": _k("str"),
         "ref_split": _k("str"),
+        "holdout": _k("float", min=0.0),
     },
     "accel": {
         "bf16": _k("bool"),
