@@ -237,7 +237,7 @@ def holdout_count(holdout: float, n: int, what: str) -> int:
     if holdout >= 1 and holdout != int(holdout):
         raise DataError(f"params.yaml: shard.holdout = {holdout} is neither a fraction below 1 nor a "
                         f"whole count of images; set e.g. 0.1 or 1000")
-    k = int(round(holdout * n)) if holdout < 1 else int(holdout)
+    k = round(holdout * n) if holdout < 1 else int(holdout)
     if not 1 <= k < n:
         raise DataError(f"params.yaml: shard.holdout = {holdout} holds out {k} of the {n} images of "
                         f"{what}; at least one image must be held out and one left to train on")

@@ -7,7 +7,6 @@ from PIL import Image
 
 from cmpipe.data.base import DataError
 
-
 ALPHA_BACKGROUNDS = ("white", "black", "refuse")
 # A 16-bit gray PNG opens in one of these modes (Pillow's version decides which).
 _WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
