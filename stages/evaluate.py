@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +65,19 @@ def load_set(name: str, info: dict, shape_hwc: tuple[int, int, int]) -> np.ndarr
     path = SAMPLES / f"{name}.npz"
     if not path.is_file():
         raise EvaluateError(f"{path} not found but {SETS} lists set {name!r}; rerun `dvc repro sample`")
-    with np.load(path, allow_pickle=False) as z:
-        if "images" not in z.files:
-            raise EvaluateError(f"{path} has no `images` array (arrays: {', '.join(z.files)})")
-        images = z["images"]
+    try:
+        with np.load(path, allow_pickle=False) as z:  # never unpickle: an object array is refused
+            if "images" not in z.files:
+                raise EvaluateError(f"{path} has no `images` array (arrays: {', '.join(z.files)}); "
+                                    f"rerun `dvc repro -f sample`")
+            images = z["images"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, EvaluateError):
+            raise
+        raise EvaluateError(f"{path}: unreadable sample set ({type(e).__name__}: {e}); "
+                            f"rerun `dvc repro -f sample`") from None
+    if not isinstance(images, np.ndarray):
+        raise EvaluateError(f"{path}: not an .npz archive of arrays; rerun `dvc repro -f sample`")
     try:
         evaluation.validate_images(images, name=str(path))
     except (TypeError, ValueError) as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cmpipe.errors import InputError
 from cmpipe.pipeline.layout import (
     DISTILL_REPORT,
     METRICS,
@@ -25,7 +26,10 @@ REPORTS = SUMMARY.parent
 
 
 def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as e:  # a JSONDecodeError is a ValueError
+        raise InputError(f"{path}: unreadable ({e}); rerun the stage that writes it (`dvc repro -f`)") from None
 
 
 def main():
@@ -35,7 +39,7 @@ def main():
         if name in sets:
             sets[name]["seconds_per_image"] = t["seconds_per_image"]
     if not metrics or not sets:
-        raise FileNotFoundError(f"{METRICS} or {SAMPLE_SETS} is missing: run `dvc repro evaluate` first")
+        raise InputError(f"{METRICS} or {SAMPLE_SETS} is missing: run `dvc repro evaluate` first")
     extras = {"teacher training (last logged)": _read(TEACHER_REPORT / "metrics.json"),
               "distillation (last logged)": _read(DISTILL_REPORT / "metrics.json"),
               "trajectory cache": _read(TRAJECTORIES_REPORT)}

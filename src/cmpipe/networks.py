@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from cmpipe.errors import CheckpointError  # noqa: F401
+from cmpipe.errors import CheckpointError, ParamsError  # noqa: F401
 
 
 def unet_config(block_out_channels, layers_per_block, attention_levels, dropout,
@@ -19,15 +19,15 @@ def unet_config(block_out_channels, layers_per_block, attention_levels, dropout,
     """
     levels = len(block_out_channels)
     if levels < 1:
-        raise ValueError("model.block_out_channels must list at least one level")
+        raise ParamsError("params.yaml: model.block_out_channels must list at least one level, e.g. [32, 64]")
     if resolution % (2 ** (levels - 1)) != 0:
-        raise ValueError(f"model.block_out_channels has {levels} levels, which halve the resolution "
-                         f"{levels - 1} times, but the images are {resolution}x{resolution}: "
-                         f"use at most {1 + _halvings(resolution)} levels")
+        raise ParamsError(f"params.yaml: model.block_out_channels has {levels} levels, which halve the resolution "
+                          f"{levels - 1} times, but the images are {resolution}x{resolution}: "
+                          f"use at most {1 + _halvings(resolution)} levels")
     bad = [a for a in attention_levels if not 0 <= a < levels]
     if bad:
-        raise ValueError(f"model.attention_levels {bad} are not levels of model.block_out_channels "
-                         f"(0..{levels - 1})")
+        raise ParamsError(f"params.yaml: model.attention_levels {bad} are not levels of model.block_out_channels "
+                          f"(0..{levels - 1})")
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"a class-conditional model needs at least one class, got {num_classes}")
     config = dict(
@@ -54,8 +54,8 @@ def model_num_classes(class_conditional: bool, class_names: list) -> int | None:
     if not class_conditional:
         return None
     if not class_names:
-        raise ValueError("model.class_conditional is true but the shards' manifest lists no classes; "
-                         "shard a labelled source or set model.class_conditional: false")
+        raise ParamsError("params.yaml: model.class_conditional is true but the shards' manifest lists no "
+                          "classes; shard a labelled source or set model.class_conditional: false")
     return len(class_names)
 
 

@@ -10,6 +10,7 @@ per step, docs/design.md §4), and experiments on distillation settings reuse it
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +23,7 @@ from cmpipe.cm.losses import teacher_heun_pair
 from cmpipe.data import ShardError, read_records
 from cmpipe.distributed.ddp import SINGLE, Dist, gather_in_order
 from cmpipe.images import to_unit
+from cmpipe.util.hashing import check_sha256
 from cmpipe.util.seeding import seeded_generator
 
 
@@ -86,9 +88,35 @@ def pair_batch(teacher, images_uint8: torch.Tensor, idx, seed: int, sig: Sigmas,
     return out
 
 
-def load_pairs(shards: list[Path], shape):
+CACHE_FIX = "re-create the cache with `dvc repro -f trajectories` (or restore it with `dvc checkout data/trajectories`)"
+
+
+def verify_cache(shards: list[Path], record: Path | None = None) -> None:
+    """Check each shard against the sha256 the cache's `cache.json` records for it (found beside
+    the shards' folder unless given); shards it does not list are refused."""
+    shards = [Path(s) for s in shards]
+    if record is None:
+        record = shards[0].parent.parent / "cache.json" if shards else None
+    if record is None or not record.is_file():
+        return  # a bare list of shards (tests, benchmarks): no record to check against
+    try:
+        listed = {str(Path(e["path"])): e["sha256"] for e in json.loads(record.read_text())["shards"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"{record}: unreadable cache record ({type(e).__name__}: {e}); {CACHE_FIX}") from None
+    for s in shards:
+        expected = listed.get(str(s))
+        if expected is None:
+            raise ShardError(f"{s} is not one of the shards {record} lists; {CACHE_FIX}")
+        check_sha256(s, expected, record, CACHE_FIX, error=ShardError)
+
+
+def load_pairs(shards: list[Path], shape, verify: bool = True):
     """Read a cache into memory: (n int64 [P], x_n float32 [P,C,H,W], x_next float32 [P,C,H,W],
-    labels int64 [P] of a class-conditional teacher's cache, else None)."""
+    labels int64 [P] of a class-conditional teacher's cache, else None).
+
+    With `verify`, every shard is first checked against the sha256 its cache.json records."""
+    if verify:
+        verify_cache(shards)
     ns, xn, xnext, labels = [], [], [], []
     for rec in read_records(shards):
         for k in ("cls", "xn.npy", "xnext.npy"):

@@ -68,11 +68,13 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
     return out
 
 
-def _read_image_file(f: Path, resolution: int, resize_mode: str, channels: int) -> np.ndarray:
+def _read_image_file(f: Path, resolution: int, resize_mode: str, channels: int,
+                     alpha_background: str = "white") -> np.ndarray:
     try:
         with Image.open(f) as im:
             im.load()
-            return transform_image_file(im, resolution, resize_mode, channels, what=str(f))
+            return transform_image_file(im, resolution, resize_mode, channels, what=str(f),
+                                        alpha_background=alpha_background)
     except DataError:
         raise
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError)
@@ -80,7 +82,7 @@ def _read_image_file(f: Path, resolution: int, resize_mode: str, channels: int) 
 
 
 def _read_image_folder(path: Path, limit: int | None, resolution: int, resize_mode: str,
-                       channels: int) -> SourceData:
+                       channels: int, alpha_background: str = "white") -> SourceData:
     split_dirs = _image_folder_splits(path)
     per_split = {s: _class_files(d) for s, d in split_dirs.items()}
     # One label space for all splits: the sorted union of class folder names.
@@ -100,7 +102,7 @@ def _read_image_folder(path: Path, limit: int | None, resolution: int, resize_mo
         items = items[:limit]
         images = np.empty((len(items), resolution, resolution, channels), np.uint8)
         for i, (f, _) in enumerate(items):
-            images[i] = _read_image_file(f, resolution, resize_mode, channels)
+            images[i] = _read_image_file(f, resolution, resize_mode, channels, alpha_background)
         labels = np.array([y for _, y in items], np.int64)
         out.splits[split] = Split(images, labels)
     return out

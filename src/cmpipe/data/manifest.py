@@ -13,7 +13,7 @@ from cmpipe.data.base import ShardError
 from cmpipe.data.png import decode_pngs
 from cmpipe.data.shards import _iter_raw_samples, describe_shard, write_shards
 from cmpipe.util.fileio import atomic_dir
-from cmpipe.util.hashing import sha256_file
+from cmpipe.util.hashing import check_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,24 @@ def _resolve_shard(manifest_path: Path, rel: str) -> Path:
                      f"folders above the manifest); run `dvc repro shard` or `dvc pull`")
 
 
-def shard_paths(manifest_path: str | Path, split: str | None = None, role: str | None = None) -> list[Path]:
-    """The shard files of a split (or of the split playing `role`), in order."""
+SHARD_FIX = ("restore the shards with `dvc checkout data/shards` or re-create them and the manifest "
+             "with `dvc repro -f shard`")
+
+
+def shard_paths(manifest_path: str | Path, split: str | None = None, role: str | None = None,
+                verify: bool = True) -> list[Path]:
+    """The shard files of a split (or of the split playing `role`), in order; with `verify`, each
+    checked against the manifest's sha256 (the streaming loader reads them without a check)."""
     manifest_path = Path(manifest_path)
     m = read_manifest(manifest_path)
     name = _split_name(m, manifest_path, split, role)
-    return [_resolve_shard(manifest_path, s["path"]) for s in m["splits"][name]["shards"]]
+    paths = []
+    for s in m["splits"][name]["shards"]:
+        path = _resolve_shard(manifest_path, s["path"])
+        if verify:
+            check_sha256(path, s["sha256"], manifest_path, SHARD_FIX, error=ShardError)
+        paths.append(path)
+    return paths
 
 
 _LOAD_BATCH = 4096  # PNGs decoded at once by load_image_split
@@ -129,7 +141,7 @@ def load_image_split(manifest_path: str | Path, split: str | None = None, role: 
             if digest != entry["sha256"]:
                 raise ShardError(f"shard {path}: sha256 {digest} differs from the manifest's "
                                  f"{entry['sha256']}; the shard changed after the manifest was written: "
-                                 f"re-create both with `dvc repro shard` or restore them with `dvc checkout`")
+                                 f"{SHARD_FIX}")
         want = min(entry["count"], total - filled)
         got = 0
         keys: list[str] = []

@@ -6,6 +6,7 @@ others in image_folder.py and npz.py; each fails with a `DataError` naming the i
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import zlib
 from pathlib import Path
@@ -191,7 +192,7 @@ def list_splits(source: str, path: str | Path) -> list[str]:
 
 def read_source(source: str, path: str | Path, *, download: bool = False, limit: int | None = None,
                 resolution: int | None = None, resize_mode: str = "resize",
-                channels: int | None = None) -> SourceData:
+                channels: int | None = None, alpha_background: str = "white") -> SourceData:
     """Read a source's splits, keeping the first `limit` images of each.
 
     Array sources (fashion_mnist, mnist, cifar10, npz) return their native size; `image_folder`
@@ -207,17 +208,18 @@ def read_source(source: str, path: str | Path, *, download: bool = False, limit:
         if resolution is None or channels is None:
             raise DataError("image_folder needs resolution and channels (its images differ in size)")
         _check_target(resolution, resize_mode, channels)
-        return _read_image_folder(path, limit, resolution, resize_mode, channels)
+        return _read_image_folder(path, limit, resolution, resize_mode, channels, alpha_background)
     if source == "npz":
         return _read_npz(path, limit)
     raise DataError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
 
 
 def load_source(source: str, path: str | Path, *, resolution: int, resize_mode: str = "resize",
-                channels: int = 1, download: bool = False, limit: int | None = None) -> SourceData:
+                channels: int = 1, download: bool = False, limit: int | None = None,
+                alpha_background: str = "white") -> SourceData:
     """Read a source and convert every split to uint8 N×resolution×resolution×channels."""
     data = read_source(source, path, download=download, limit=limit, resolution=resolution,
-                       resize_mode=resize_mode, channels=channels)
+                       resize_mode=resize_mode, channels=channels, alpha_background=alpha_background)
     for name, split in data.splits.items():
         images = transform_images(split.images, resolution, resize_mode, channels,
                                   what=f"{source} {path} split {name}")
@@ -225,15 +227,73 @@ def load_source(source: str, path: str | Path, *, resolution: int, resize_mode: 
     return data
 
 
+HOLDOUT = "holdout"  # the split shard.holdout carves out of the train split
+
+
+def holdout_count(holdout: float, n: int, what: str) -> int:
+    """Images to hold out of n: a fraction (0 < holdout < 1, rounded) or a count (holdout >= 1)."""
+    if holdout <= 0:
+        return 0
+    if holdout >= 1 and holdout != int(holdout):
+        raise DataError(f"params.yaml: shard.holdout = {holdout} is neither a fraction below 1 nor a "
+                        f"whole count of images; set e.g. 0.1 or 1000")
+    k = round(holdout * n) if holdout < 1 else int(holdout)
+    if not 1 <= k < n:
+        raise DataError(f"params.yaml: shard.holdout = {holdout} holds out {k} of the {n} images of "
+                        f"{what}; at least one image must be held out and one left to train on")
+    return k
+
+
+def hold_out(data: SourceData, holdout: float, split: str = "train") -> SourceData:
+    """Move `holdout` of `split`'s images into a new split `holdout`, chosen by content.
+
+    The held-out images are those whose bytes (with the label) have the smallest sha256: the
+    choice needs no seed, does not depend on the file order, keeps every other image where it
+    was when images are added, and puts duplicates on the same side.
+    """
+    if holdout <= 0:
+        return data
+    if HOLDOUT in data.splits:
+        raise DataError(f"{data.name}: the source already has a split named {HOLDOUT!r}; set "
+                        f"shard.holdout: 0 and shard.ref_split: {HOLDOUT}")
+    if split not in data.splits:
+        raise DataError(f"params.yaml: shard.train_split = {split!r} is not a split of this source "
+                        f"(available: {', '.join(data.splits)}); set it to one of them")
+    s = data.splits[split]
+    k = holdout_count(holdout, len(s.images), f"split {split}")
+    keys = [hashlib.sha256(img.tobytes() + int(y).to_bytes(8, "little")).digest()
+            for img, y in zip(s.images, s.labels)]
+    order = sorted(range(len(keys)), key=lambda i: (keys[i], i))
+    held = np.zeros(len(keys), bool)
+    held[order[:k]] = True
+    data.splits[split] = Split(np.ascontiguousarray(s.images[~held]), s.labels[~held])
+    data.splits[HOLDOUT] = Split(np.ascontiguousarray(s.images[held]), s.labels[held])
+    return data
+
+
 def load_source_from_params(p: Any) -> SourceData:
     """`load_source` driven by the validated `shard` section of params.yaml."""
-    return load_source(p.source, p.path, resolution=p.resolution, resize_mode=p.resize_mode,
-                       channels=p.channels, download=p.download, limit=p.limit)
+    data = load_source(p.source, p.path, resolution=p.resolution, resize_mode=p.resize_mode,
+                       channels=p.channels, download=p.download, limit=p.limit,
+                       alpha_background=p.alpha_background)
+    return hold_out(data, p.holdout, p.train_split)
 
 
-def check_roles(train_split: str, ref_split: str, available: list[str]) -> None:
-    """Both roles of the shard params must name splits the source has."""
+def check_roles(train_split: str, ref_split: str, available: list[str], holdout: float = 0) -> None:
+    """Both roles of the shard params must name splits the source has (with `holdout`, also
+    the split it makes); the reference must not be the training split."""
+    if holdout > 0:
+        available = [*available, HOLDOUT]
     for key, split in (("shard.train_split", train_split), ("shard.ref_split", ref_split)):
         if split not in available:
+            hint = (f"; or hold out images of a single-split source: shard.holdout: 0.1 and "
+                    f"shard.ref_split: {HOLDOUT}" if key == "shard.ref_split" and holdout <= 0 else "")
             raise DataError(f"params.yaml: {key} = {split!r} is not a split of this source "
-                            f"(available: {', '.join(available)}); set {key} to one of them")
+                            f"(available: {', '.join(available)}); set {key} to one of them{hint}")
+    if holdout > 0 and train_split == HOLDOUT:
+        raise DataError(f"params.yaml: shard.train_split = {HOLDOUT!r} would train on the held-out "
+                        f"images; set it to the split they are taken from")
+    if train_split == ref_split:
+        log.warning("shard.ref_split = shard.train_split = %r: the FID reference and the edit stage's "
+                    "images are training images; set shard.holdout (e.g. 0.1) and shard.ref_split: %s "
+                    "for images the models never trained on", ref_split, HOLDOUT)

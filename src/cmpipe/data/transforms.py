@@ -7,6 +7,10 @@ from PIL import Image
 
 from cmpipe.data.base import DataError
 
+ALPHA_BACKGROUNDS = ("white", "black", "refuse")
+# A 16-bit gray PNG opens in one of these modes (Pillow's version decides which).
+_WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
 
 def _check_target(resolution: int, resize_mode: str, channels: int):
     if resize_mode not in ("resize", "pad"):
@@ -19,6 +23,42 @@ def _check_target(resolution: int, resize_mode: str, channels: int):
 
 def _pil(img: np.ndarray) -> Image.Image:
     return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+
+
+def _to_8bit(im: Image.Image, what: str) -> Image.Image:
+    """A 16-bit gray image scaled to 8 bits (v · 255 / 65535, rounded): `convert("L")` clips
+    every value above 255 to white."""
+    a = np.asarray(im)
+    if a.dtype.kind == "i" and a.size and (a.min() < 0 or a.max() > 65535):
+        raise DataError(f"{what}: a {im.mode} image with values {a.min()}..{a.max()}, outside the "
+                        f"16-bit range 0..65535; save it as an 8- or 16-bit PNG")
+    a = a.astype(np.uint32)
+    return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+
+
+def _composite(im: Image.Image, background: str, what: str) -> Image.Image:
+    """An image with alpha (RGBA, LA, PA, P with transparency) composited on `background`."""
+    im = im.convert("LA" if im.mode in ("LA", "La") else "RGBA")
+    a = np.asarray(im).astype(np.uint32)
+    alpha, color = a[..., -1:], a[..., :-1]
+    if alpha.min() == 255:  # opaque everywhere: the background choice changes nothing
+        return Image.fromarray(color.astype(np.uint8).squeeze(-1) if color.shape[-1] == 1
+                               else color.astype(np.uint8))
+    if background == "refuse":
+        raise DataError(f"{what}: a transparent image ({im.mode}); set shard.alpha_background to "
+                        f"white or black to composite it on that background, or remove its alpha")
+    bg = 255 if background == "white" else 0
+    out = ((color * alpha + bg * (255 - alpha) + 127) // 255).astype(np.uint8)
+    return Image.fromarray(out.squeeze(-1) if out.shape[-1] == 1 else out)
+
+
+def _normalise_mode(im: Image.Image, alpha_background: str, what: str) -> Image.Image:
+    """16-bit gray scaled to 8 bits, alpha composited; other modes go to PIL's convert."""
+    if im.mode in _WIDE_GRAY:
+        return _to_8bit(im, what)
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (im.mode == "P" and "transparency" in im.info):
+        return _composite(im, alpha_background, what)
+    return im
 
 
 def _to_channels_pil(im: Image.Image, channels: int) -> Image.Image:
@@ -79,9 +119,11 @@ def transform_images(images: np.ndarray, resolution: int, resize_mode: str, chan
 
 
 def transform_image_file(im: Image.Image, resolution: int, resize_mode: str, channels: int,
-                         what: str) -> np.ndarray:
+                         what: str, alpha_background: str = "white") -> np.ndarray:
     """One decoded PIL image (any mode, any size) -> uint8 R×R×channels."""
-    im = _to_channels_pil(im, channels)
+    if alpha_background not in ALPHA_BACKGROUNDS:
+        raise DataError(f"alpha_background {alpha_background!r} must be one of {', '.join(ALPHA_BACKGROUNDS)}")
+    im = _to_channels_pil(_normalise_mode(im, alpha_background, what), channels)
     if resize_mode == "resize":
         arr = np.asarray(_resize_pil(im, resolution))
         return arr.reshape(resolution, resolution, channels)

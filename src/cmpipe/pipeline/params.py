@@ -25,6 +25,7 @@ class Key:
     choices: tuple | None = None
     nullable: bool = False
     help: str = ""
+    min_len: int = 0  # lists: the fewest items (an empty block_out_channels is no network)
 
 
 def _k(type_, **kw):
@@ -61,10 +62,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "resolution": _k("int", min=4, max=1024),
         "resize_mode": _k("str", choices=("resize", "pad")),
         "channels": _k("int", choices=(1, 3)),
+        "alpha_background": _k("str", choices=("white", "black", "refuse")),
         "limit": _k("int", min=1, nullable=True),
         "images_per_shard": _k("int", **POS),
         "train_split": _k("str"),
         "ref_split": _k("str"),
+        "holdout": _k("float", min=0.0),
     },
     "accel": {
         "bf16": _k("bool"),
@@ -90,7 +93,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "num_scales": _k("int", min=2, max=10000),
     },
     "model": {
-        "block_out_channels": _k("int_list", min=1),
+        "block_out_channels": _k("int_list", min=1, min_len=1),
         "layers_per_block": _k("int", **POS),
         "attention_levels": _k("int_list", min=0),
         "dropout": _k("float", min=0.0, max=0.9),
@@ -147,7 +150,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "count": _k("int", **POS),
         "seed": _k("int", min=0),
         "batch_size": _k("int", **POS),
-        "steps": _k("int_list", min=1),
+        "steps": _k("int_list", min=1, min_len=1),
         "ts": _k("ts_map"),
         "teacher_heun_nfe": _k("int_list", min=1),
         "teacher_euler_nfe": _k("int_list", min=1),
@@ -163,13 +166,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "edit": {
         "count": _k("int", min=1),
         "seed": _k("int", min=0),
-        "ts": _k("int_list", min=0),
+        "ts": _k("int_list", min=0, min_len=1),
         "inpaint_mask": _k("str"),
         "inpaint_fraction": _k("float", min=0.05, max=0.95),
         "sr_factor": _k("int", min=2),
         "stroke_factor": _k("int", min=2),
         "stroke_levels": _k("int", min=2, max=256),
-        "stroke_ts": _k("int_list", min=0),
+        "stroke_ts": _k("int_list", min=0, min_len=1),
         "stroke_image": _k("str", nullable=True),
         "interp_pairs": _k("int", min=1),
         "interp_frames": _k("int", min=2),
@@ -218,6 +221,9 @@ def _validate_value(name: str, v: Any, spec: Key) -> Any:
     elif t == "int_list":
         if not isinstance(v, list) or not all(_is_int(x) for x in v):
             raise ParamsError(f"params.yaml: {name} = {v!r} must be a list of integers")
+        if len(v) < spec.min_len:
+            raise ParamsError(f"params.yaml: {name} = {v!r} needs at least {spec.min_len} "
+                              f"item{'s' if spec.min_len > 1 else ''}")
         for x in v:
             _check_number(name, x, spec)
         v = list(v)
@@ -276,8 +282,18 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path} not found: run the stage from the repository root")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        # One line, not PyYAML's multi-line report: where it is, and what the parser expected.
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ParamsError(f"{path}: YAML syntax error{where} ({what}); fix that line "
+                          f"(`git diff {path.name}` shows what changed)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamsError(f"{path}: cannot read it ({e})") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path} must be a mapping of sections")
     unknown = sorted(set(data) - set(SCHEMA))

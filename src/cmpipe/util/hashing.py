@@ -23,6 +23,22 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def check_sha256(path: str | Path, expected: str, record: str | Path, fix: str,
+                 error: type[Exception] = ValueError) -> Path:
+    """`path` if its sha256 is the one `record` holds for it; else error(message naming both and `fix`).
+
+    A cache or shard is read only as it was written: an edited file would train silently.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}, listed in {record}, is missing: {fix}")
+    digest = sha256_file(path)
+    if digest != expected:
+        raise error(f"{path}: sha256 {digest} differs from {expected} recorded in {record}; the file "
+                    f"changed after it was written: {fix}")
+    return path
+
+
 def sha1_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:

@@ -16,7 +16,7 @@ LPIPS_NETS = ("alex", "vgg")
 def prepare_inception() -> list[Path]:
     from cmpipe.weights.inception import inception_path
 
-    return [inception_path()]
+    return [inception_path(repair=True)]  # replaces a cached file of the wrong hash
 
 
 def prepare_lpips(nets: tuple[str, ...] = LPIPS_NETS) -> list[Path]:

