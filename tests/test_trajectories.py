@@ -48,7 +48,7 @@ def test_cd_setup_refuses_a_missing_or_foreign_cache_before_loading_the_teacher(
     from cmpipe.data import ShardError
     from cmpipe.pipeline.setups import cd_setup
 
-    d = SimpleNamespace(batch_size=4, seed=0, huber_c=None, weighting="uniform")
+    d = SimpleNamespace(batch_size=4, seed=0, huber_c=None, weighting="uniform", pairs="cache")
     absent_teacher = tmp_path / "no-teacher.pt"  # never read: the cache is checked first
     with pytest.raises(ShardError, match=r"cache\.json not found: run `dvc repro trajectories` first"):
         cd_setup(d, Sigmas(), False, "cpu", "l2", cache_dir=tmp_path / "none", teacher_path=absent_teacher)
