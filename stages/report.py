@@ -9,12 +9,14 @@ from pathlib import Path
 
 from cmpipe.errors import InputError
 from cmpipe.pipeline.layout import (
+    DISTILL_EMA_SELECTION,
     DISTILL_REPORT,
     METRICS,
     SAMPLE_GRIDS,
     SAMPLE_SETS,
     SAMPLE_TIMING,
     SUMMARY,
+    TEACHER_EMA_SELECTION,
     TEACHER_REPORT,
     TRAJECTORIES_REPORT,
 )
@@ -41,7 +43,10 @@ def main():
     if not metrics or not sets:
         raise InputError(f"{METRICS} or {SAMPLE_SETS} is missing: run `dvc repro evaluate` first")
     extras = {"teacher training (last logged)": _read(TEACHER_REPORT / "metrics.json"),
+              "teacher evaluation EMA (held-out FID after the last step)": _read(TEACHER_EMA_SELECTION),
               "distillation (last logged)": _read(DISTILL_REPORT / "metrics.json"),
+              "consistency model evaluation EMA (held-out one-step FID after the last step)":
+                  _read(DISTILL_EMA_SELECTION),
               "trajectory cache": _read(TRAJECTORIES_REPORT)}
     text = summary_markdown(metrics, sets, extras, SAMPLE_GRIDS, REPORTS)
     atomic_write_text(SUMMARY, text)

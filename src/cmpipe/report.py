@@ -75,6 +75,17 @@ def match_markdown(matches: list[dict]) -> list[str]:
              "evaluated NFE."), "", pd.DataFrame(rows).to_markdown(index=False), ""]
 
 
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested JSON (dvclive's "heldout_fid/ema_0.99") as one line."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def summary_markdown(metrics: dict, sets: dict, extras: dict, grids_dir: Path, root: Path) -> str:
     table = results_table(metrics, sets)
     proto = metrics.get("protocol", {})
@@ -88,7 +99,7 @@ def summary_markdown(metrics: dict, sets: dict, extras: dict, grids_dir: Path, r
     for title, d in extras.items():
         if d:
             lines += [f"**{title}**: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
-                                                   for k, v in sorted(d.items())), ""]
+                                                   for k, v in sorted(flat(d).items())), ""]
     classes = next((info["classes"] for info in sets.values() if info.get("classes")), None)
     lines += [f"## Samples (one row per class, {classes} classes: the first 8 of each)" if classes
               else "## Samples (first 64 of each set)", ""]

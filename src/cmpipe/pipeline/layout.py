@@ -19,6 +19,9 @@ TRAJECTORIES_REPORT = Path("reports/trajectories.json")
 
 STUDENT = Path("data/student/model.pt")
 DISTILL_REPORT = Path("reports/distill")
+# In the teacher's and distill's reports: the choice of the evaluation EMA and the held-out FID curve.
+TEACHER_EMA_SELECTION = TEACHER_REPORT / "ema_selection.json"
+DISTILL_EMA_SELECTION = DISTILL_REPORT / "ema_selection.json"
 
 SAMPLES = Path("data/samples")
 SAMPLE_SETS = SAMPLES / "sets.json"
