@@ -10,11 +10,11 @@ from typing import Callable
 
 from cmpipe.ema_selection import best_ema, heldout_fids
 from cmpipe.errors import ParamsError
-from cmpipe.pipeline.layout import FID_REF, TEACHER_EMA_SELECTION
+from cmpipe.pipeline.layout import EMA_SELECTION_NAME, FID_REF
 from cmpipe.training import ema_names
 from cmpipe.util.fileio import atomic_write_json, atomic_write_text
 
-SELECTION = TEACHER_EMA_SELECTION.name  # in the stage's reports folder (layout)
+SELECTION = EMA_SELECTION_NAME  # in the stage's reports folder
 CURVE = "heldout_fid.csv"  # images, ema, decay, fid: drawn by `dvc plots` (template fid_images)
 SCORE = "heldout_fid"
 log = logging.getLogger(__name__)

@@ -19,9 +19,10 @@ TRAJECTORIES_REPORT = Path("reports/trajectories.json")
 
 STUDENT = Path("data/student/model.pt")
 DISTILL_REPORT = Path("reports/distill")
-# In the teacher's and distill's reports: the choice of the evaluation EMA and the held-out FID curve.
-TEACHER_EMA_SELECTION = TEACHER_REPORT / "ema_selection.json"
-DISTILL_EMA_SELECTION = DISTILL_REPORT / "ema_selection.json"
+# In the teacher's and distill's reports: the choice of the evaluation EMA (cmpipe.pipeline.ema).
+EMA_SELECTION_NAME = "ema_selection.json"
+TEACHER_EMA_SELECTION = TEACHER_REPORT / EMA_SELECTION_NAME
+DISTILL_EMA_SELECTION = DISTILL_REPORT / EMA_SELECTION_NAME
 
 SAMPLES = Path("data/samples")
 SAMPLE_SETS = SAMPLES / "sets.json"
