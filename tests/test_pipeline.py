@@ -135,7 +135,12 @@ def test_a_sample_key_reruns_sampling_only(smoke_repo):
     assert ran_stages(out) == {"sample", "evaluate", "report"}, out[-3000:]
     assert "cm_nfe3" in read_metrics(repo)["fid"]
     search = json.loads((repo / "reports/ts_search.json").read_text())
-    assert set(search["chosen"]) == {"2", "3"} and search["chosen"]["3"][:2] == search["chosen"]["2"]
+    assert set(search["chosen"]) == {"2", "3"}
+    for k, ts in search["chosen"].items():
+        assert len(ts) == int(k) and ts[0] == 0 and ts == sorted(set(ts))
+        # a searched ts replaces the params' one only when it wins with confidence
+        won = search["win_rate"].get(k, {}).get("win_rate", 0) >= search["confidence"]
+        assert ts == search["params_ts"][k] or won, search
     assert all(math.isfinite(v) for v in search["fid"].values())
     assert "(searched)" in (repo / "reports/summary.md").read_text()
 
