@@ -135,8 +135,8 @@ def test_evaluation_scores_the_emas_on_schedule_and_changes_no_weight(tmp_path):
     history = []
     scored = train(m1, loss_fn_for(m1, EpochSampler(40, 4, 3)), cfg, tmp_path / "a.pt", None, "fp",
                    torch.device("cpu"), evaluate=evaluate, history_out=history)
-    assert calls == [24, 48, 72, 80]
-    assert [r["images"] for r in history if "heldout_fid/ema" in r] == [24, 48, 72, 80]
+    assert calls == [24, 48, 80]  # 72 is within half a period of the end: left to the last step
+    assert [r["images"] for r in history if "heldout_fid/ema" in r] == [24, 48, 80]
     assert all(r["heldout_fid/ema"] == r["images"] for r in history if "heldout_fid/ema" in r)
     for a, b in zip(plain["ema"].parameters(), scored["ema"].parameters()):
         assert torch.equal(a, b)
@@ -149,4 +149,4 @@ def test_evaluation_scores_the_emas_on_schedule_and_changes_no_weight(tmp_path):
     m3 = make()
     train(m3, loss_fn_for(m3, EpochSampler(40, 4, 3)), cfg, tmp_path / "b.pt", None, "fp", torch.device("cpu"),
           evaluate=evaluate, history_out=resumed)
-    assert [r["images"] for r in resumed if "heldout_fid/ema" in r] == [24, 48, 72, 80]
+    assert [r["images"] for r in resumed if "heldout_fid/ema" in r] == [24, 48, 80]

@@ -207,7 +207,9 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path
 
         done = step + 1
         # The same on every rank: a logged row is an all-reduce.
-        eval_now = evaluate is not None and (done == cfg.steps or bool(steps_per_eval and done % steps_per_eval == 0))
+        # A periodic evaluation within half a period of the last step is left to the last one.
+        periodic = bool(steps_per_eval and done % steps_per_eval == 0 and cfg.steps - done >= steps_per_eval / 2)
+        eval_now = evaluate is not None and (done == cfg.steps or periodic)
         if done % steps_per_log == 0 or done == cfg.steps or eval_now:
             # The only host synchronisation of the loop: at logging intervals.
             mean_loss = all_reduce_mean(dist, loss_sum / loss_n).item()
