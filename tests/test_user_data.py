@@ -251,15 +251,20 @@ def test_holdout_is_deterministic_disjoint_and_order_free(tmp_path):
         hold_out(load_source("npz", path, resolution=6), 2.5)
 
 
-def test_shard_stage_holds_out_the_reference_of_a_flat_folder(tmp_path, monkeypatch):
-    from cmpipe.pipeline.stage import run_stage
-
-    root = tmp_path / "imgs"
-    rng = np.random.default_rng(2)
-    for i in range(10):
+def write_class_folder(root: Path, count: int, seed: int) -> Path:
+    """`count` random 5x5 gray PNGs in class folders a/ and b/ under `root`."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
         f = root / ("a" if i % 2 else "b") / f"{i}.png"
         f.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8)).save(f)
+    return root
+
+
+def test_shard_stage_holds_out_the_reference_of_a_flat_folder(tmp_path, monkeypatch):
+    from cmpipe.pipeline.stage import run_stage
+
+    root = write_class_folder(tmp_path / "imgs", 10, seed=2)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["shard"].update(source="image_folder", path=str(root), resolution=5, ref_split="train")
     work = tmp_path / "work"
@@ -294,12 +299,7 @@ def test_a_changed_source_folder_reruns_shard(tmp_path):
         if f and (REPO / f).is_file() and not f.startswith(("reports/", "dvc.lock", "tests/")):
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             (repo / f).write_bytes((REPO / f).read_bytes())
-    source = tmp_path / "images"  # outside the repository
-    rng = np.random.default_rng(3)
-    for i in range(6):
-        f = source / ("a" if i % 2 else "b") / f"{i}.png"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8)).save(f)
+    source = write_class_folder(tmp_path / "images", 6, seed=3)  # outside the repository
     params = yaml.safe_load((REPO / "params-smoke.yaml").read_text())
     params["shard"].update(source="image_folder", path=str(source), resolution=8, holdout=2,
                            ref_split="holdout")

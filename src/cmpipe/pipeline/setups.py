@@ -105,6 +105,17 @@ def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slic
     return ConsistencySetup(student, unet, loss_at, inputs)
 
 
+def train_images_for_teacher(teacher_classes: int | None, manifest_path: Path, teacher_path: Path):
+    """The training images and labels that a mode tuning the teacher (online CD, ECT) reads, checked
+    against the teacher's class count, and the hashes of their shards (resume fingerprint)."""
+    manifest = read_manifest(manifest_path)
+    if teacher_classes is not None and teacher_classes != len(manifest["class_names"]):
+        raise ShardError(f"the teacher {teacher_path} has {teacher_classes} classes but the shards have "
+                         f"{len(manifest['class_names'])}; run `dvc repro teacher`")
+    images, labels = load_image_split(manifest_path, role="train")
+    return images, labels, [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]]
+
+
 def cd_online_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slice | None,
                     manifest_path: Path, teacher_path: Path) -> ConsistencySetup:
     """CD as Algorithm 2 draws it: every step a fresh (x, n, z) and the teacher's Heun step from
@@ -113,11 +124,7 @@ def cd_online_setup(d, sig: Sigmas, class_conditional: bool, device, metric, par
     student, unet, teacher_classes = student_of_teacher(sig, class_conditional, device, d.dropout, d.seed,
                                                         teacher_path)
     teacher = load_teacher(teacher_path, sig.sigma_data, device)
-    manifest = read_manifest(manifest_path)
-    if teacher_classes is not None and teacher_classes != len(manifest["class_names"]):
-        raise ShardError(f"the teacher {teacher_path} has {teacher_classes} classes but the shards have "
-                         f"{len(manifest['class_names'])}; run `dvc repro teacher`")
-    images, labels = load_image_split(manifest_path, role="train")
+    images, labels, shard_hashes = train_images_for_teacher(teacher_classes, manifest_path, teacher_path)
     log.info("cd: %d training images, the teacher's Heun pairs made in each step (online); the student "
              "starts from the teacher's EMA", len(images))
     sampler = EpochSampler(len(images), d.batch_size, d.seed)
@@ -133,9 +140,7 @@ def cd_online_setup(d, sig: Sigmas, class_conditional: bool, device, metric, par
         return cd_loss_online(student.with_labels(y), target.with_labels(y), teacher.with_labels(y),
                               x.to(device), n.to(device), z.to(device), sig, metric, d.weighting)
 
-    inputs = [[s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]],
-              sha256_file(teacher_path)]
-    return ConsistencySetup(student, unet, loss_at, inputs)
+    return ConsistencySetup(student, unet, loss_at, [shard_hashes, sha256_file(teacher_path)])
 
 
 def with_dropout(net: torch.nn.Module, unet: dict, p: float) -> tuple[torch.nn.Module, dict]:
@@ -206,11 +211,7 @@ def ect_setup(d, sig: Sigmas, class_conditional: bool, steps: int, device, part:
                           f"resolve: raise distill.ect_stage_images or lower distill.ect_q")
     student, unet, classes = student_of_teacher(sig, class_conditional, device, d.dropout, d.seed, teacher_path,
                                                 ECTConsistencyFunction)
-    manifest = read_manifest(manifest_path)
-    if classes is not None and classes != len(manifest["class_names"]):
-        raise ShardError(f"the teacher {teacher_path} has {classes} classes but the shards have "
-                         f"{len(manifest['class_names'])}; run `dvc repro teacher`")
-    images, labels = load_image_split(manifest_path, role="train")
+    images, labels, shard_hashes = train_images_for_teacher(classes, manifest_path, teacher_path)
     log.info("ect: %d training images, the student starts from the teacher's EMA (dropout %s); %d "
              "stage(s) of %d steps, q = %g, mapping %s", len(images), unet.get("dropout"), last + 1,
              stage_steps, d.ect_q, d.ect_mapping)
@@ -228,6 +229,4 @@ def ect_setup(d, sig: Sigmas, class_conditional: bool, steps: int, device, part:
         return ect_loss(student.with_labels(y), x.to(device), z.to(device), t.to(device), r.to(device),
                         d.ect_huber_c)
 
-    inputs = [[s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]],
-              sha256_file(teacher_path)]
-    return ConsistencySetup(student, unet, loss_at, inputs)
+    return ConsistencySetup(student, unet, loss_at, [shard_hashes, sha256_file(teacher_path)])
