@@ -35,8 +35,12 @@ $(STAMP): pyproject.toml Makefile
 repro: setup
 	$(BIN)/dvc repro
 
+# Two workers: the end-to-end dvc runs are mostly one busy core each (process start-up, dvc's
+# bookkeeping, small tensors), so two of them side by side use a 2-core machine fully.
+# --maxschedchunk=1 hands out the minute-long tests one at a time, to whichever worker is free.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q --durations=20 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxschedchunk=1 --durations=20 tests
 
 bench: setup
 	$(BIN)/python -m cmpipe.bench distill-step

@@ -46,3 +46,49 @@ class Boom:
 
     def __reduce__(self):
         return (os.mkdir, (self.marker,))
+
+
+# ------------------------------------------------------------------ project repositories for dvc
+GIT = ["git", "-c", "user.name=cmpipe tests", "-c", "user.email=tests@cmpipe.invalid"]
+
+
+def run(cmd, cwd, env, check=True):
+    """A subprocess whose output goes into the assertion message when it fails."""
+    import subprocess
+
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def repo_env(repo: Path) -> dict:
+    """The environment that runs `dvc` in `repo` with this interpreter and the repo's own src/."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                PYTHONPATH=str(repo / "src"), DVC_NO_ANALYTICS="1")
+
+
+def project_repo(repo: Path, params_text: str) -> dict:
+    """A new git repository holding the project (as `git ls-files` sees it, without its results
+    and tests) with `params_text` as params.yaml, committed; returns its environment."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    for f in files:
+        if f and (ROOT / f).is_file() and not f.startswith(("reports/", "dvc.lock", "tests/")):
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, repo / f)
+    (repo / "params.yaml").write_text(params_text)
+    env = repo_env(repo)
+    run(["git", "init", "-q"], repo, env)
+    run(GIT + ["add", "-A"], repo, env)
+    run(GIT + ["commit", "-qm", "project"], repo, env)
+    return env
+
+
+def pytest_collection_modifyitems(config, items):
+    # The end-to-end runs first, in their file's order: `pytest -n 2` (pytest-xdist) deals the
+    # first tests out in turn, so the long runs go to both workers and the short tests fill in.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -1,4 +1,8 @@
-"""The whole DAG through the real `dvc` command, on the smoke params, in a temporary git repo."""
+"""The whole DAG through the real `dvc` command, on the smoke params, in temporary git repos.
+
+One smoke repository is built per test session (shared by pytest-xdist's workers through a file
+lock); every test works in its own copy of it, so the tests are independent and run in parallel.
+"""
 import csv
 import io
 import json
@@ -11,73 +15,257 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import GIT, ROOT, project_repo, repo_env, run
 
 pytestmark = pytest.mark.slow
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-GIT = ["git", "-c", "user.name=cmpipe tests", "-c", "user.email=tests@cmpipe.invalid"]
-
-
-def project_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout.split("\n")
-    return [f for f in out if f and (ROOT / f).is_file()
-            and not f.startswith(("reports/", "dvc.lock"))]
-
-
-def run(cmd, cwd, env, check=True):
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    return r
 
 
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([a-z_]+)'", output))
 
 
-def fresh_smoke_repo(repo: Path) -> dict:
-    """A new git repository holding the project with the smoke params; returns its environment."""
-    for f in project_files():
-        (repo / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, repo / f)
-    shutil.copy2(ROOT / "params-smoke.yaml", repo / "params.yaml")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(repo / "src"), DVC_NO_ANALYTICS="1")
-    run(["git", "init", "-q"], repo, env)
-    run(GIT + ["add", "-A"], repo, env)
-    run(GIT + ["commit", "-qm", "smoke"], repo, env)
-    return env
-
-
-@pytest.fixture(scope="module")
-def second_fresh_run(tmp_path_factory):
-    """Another fresh repository's `dvc repro`, started at once and running beside the first one
-    (the reproducibility test compares the two): (repo, process)."""
+def smoke_project(repo: Path) -> dict:
     if not FASHION.exists():
         pytest.skip(f"{FASHION} missing: `make setup` installs dataset-fashion-mnist")
-    repo = tmp_path_factory.mktemp("again")
-    env = fresh_smoke_repo(repo)
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    yield repo, proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.communicate()
+    return project_repo(repo, (ROOT / "params-smoke.yaml").read_text())
 
 
-@pytest.fixture(scope="module")
-def smoke_repo(tmp_path_factory, second_fresh_run):
-    repo = tmp_path_factory.mktemp("smoke")
-    env = fresh_smoke_repo(repo)
-    r = run(["dvc", "repro"], repo, env)
-    run(GIT + ["add", "-A"], repo, env)
-    run(GIT + ["commit", "-qm", "smoke results"], repo, env)
-    return repo, env, r.stdout + r.stderr
+@pytest.fixture(scope="session")
+def smoke_base(tmp_path_factory):
+    """The smoke project after one `dvc repro`, results committed: (repo, repro output). Built
+    once: the first xdist worker to need it builds it while the others wait on the lock."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    repo, log, failed = root / "smoke-base", root / "smoke-base.log", root / "smoke-base.failed"
+    with FileLock(str(root / "smoke-base.lock")):
+        if failed.exists():
+            raise AssertionError(failed.read_text())
+        if not log.exists():
+            repo.mkdir()
+            try:
+                env = smoke_project(repo)
+                r = run(["dvc", "repro"], repo, env)
+                run(GIT + ["add", "-A"], repo, env)
+                run(GIT + ["commit", "-qm", "smoke results"], repo, env)
+            except AssertionError as e:
+                failed.write_text(str(e))
+                raise
+            log.write_text(r.stdout + r.stderr)
+    return repo, log.read_text()
+
+
+@pytest.fixture
+def smoke_repo(smoke_base, tmp_path):
+    """A private copy of the built smoke project: (repo, env, repro output)."""
+    base, out = smoke_base
+    repo = tmp_path / "smoke"
+    # .dvc/tmp holds locks and experiment queues of the base, not project state
+    shutil.copytree(base, repo, symlinks=True,
+                    ignore=lambda d, names: ["tmp"] if Path(d) == base / ".dvc" else [])
+    return repo, repo_env(repo), out
 
 
 def read_metrics(repo: Path) -> dict:
     return json.loads((repo / "reports/metrics.json").read_text())
+
+
+def _set_params(repo: Path, **changes):
+    import yaml
+
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in changes.items():
+        section, name = key.split("__")
+        p[section][name] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def _weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["weights"]
+
+
+# Outputs that hold wall-clock measurements (throughput curves, seconds per image); every other
+# output of two fresh runs must hash the same.
+TIMED_OUTPUTS = {"reports/teacher", "reports/distill", "reports/trajectories.json", "reports/sample_timing.json",
+                 "reports/summary.md"}
+
+
+def _output_hashes(lock_text: str) -> dict:
+    import yaml
+
+    lock = yaml.safe_load(lock_text)
+    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
+
+
+# The tests run in this order, before the short ones (conftest.py). `make test` runs
+# `pytest -n 2 --maxschedchunk=1`: each worker starts with two tests, one worker with the
+# first two (a fresh run of its own, then the class-conditional experiment), the other with the
+# next two (it builds the shared smoke project meanwhile, for the queued experiments), and
+# each later test goes to whichever worker is free first.
+def test_two_fresh_runs_give_identical_outputs(tmp_path, request):
+    repo = tmp_path / "again"
+    repo.mkdir()
+    env = smoke_project(repo)
+    run(["dvc", "repro"], repo, env)
+    second = _output_hashes((repo / "dvc.lock").read_text())
+    base, _ = request.getfixturevalue("smoke_base")   # the first fresh run, made meanwhile
+    first = _output_hashes((base / "dvc.lock").read_text())
+    assert set(first) == set(second) and TIMED_OUTPUTS < set(first)
+    differ = {p for p in first if first[p] != second[p]}
+    assert differ <= TIMED_OUTPUTS, differ
+    assert (json.loads((repo / "reports/metrics.json").read_text())
+            == json.loads((base / "reports/metrics.json").read_text()))
+
+
+def test_class_conditional_model_reruns_from_the_teacher_with_one_row_per_class(smoke_repo):
+    repo, env, _ = smoke_repo
+    r = run(["dvc", "exp", "run", "-S", "model.class_conditional=true", "-n", "conditional"], repo, env)
+    out = r.stdout + r.stderr
+    assert ran_stages(out) == {"teacher", "trajectories", "distill", "sample", "evaluate", "edit",
+                               "report"}, out[-3000:]
+    assert "conditioned on 10 classes" in out
+    sets = json.loads((repo / "data/samples/sets.json").read_text())
+    assert sets["cm_nfe1"]["classes"] == 10
+    import numpy as np
+    from PIL import Image
+
+    with np.load(repo / "data/samples/cm_nfe1.npz") as z:
+        assert z["labels"].shape == (len(z["images"]),) and set(z["labels"].tolist()) <= set(range(10))
+    side = 28 + 2   # image + padding, doubled by save_grid's scale
+    assert Image.open(repo / "reports/samples/cm_nfe1.png").size == (2 * (8 * side + 2), 2 * (10 * side + 2))
+    assert "one row per class" in (repo / "reports/summary.md").read_text()
+    assert all(math.isfinite(v) for v in read_metrics(repo)["fid"].values())
+
+
+def test_two_queued_experiments_run_in_parallel_and_show_up(smoke_repo):
+    """Two queued experiments with two workers: Easy Consistency Tuning (mode ect: the teacher's
+    weights and the images, no cache) at another lr, and improved consistency training with LPIPS
+    (mode ct: no teacher, no cache, iCT's schedule, weighting and noise distribution)."""
+    import time
+
+    repo, env, _ = smoke_repo
+    ict = ["distill.mode=ct", "distill.ct_num_scales=ict", "distill.mu_schedule=fixed", "distill.mu=0",
+           "distill.weighting=ict", "distill.ct_index=lognormal", "distill.metric=lpips"]
+    for name, keys in (("queued-ect", ["distill.mode=ect", "distill.lr=0.0004"]), ("ict-lpips", ict)):
+        run(["dvc", "exp", "run", "--queue", "-n", name] + [a for k in keys for a in ("-S", k)], repo, env)
+    run(["dvc", "queue", "start", "-j", "2"], repo, env)
+    deadline, status = time.time() + 900, ""
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], repo, env).stdout
+        done = [line for line in status.splitlines() if line.split()[-1:] in (["Success"], ["Failed"])]
+        if len(done) >= 2:
+            break
+        time.sleep(2)
+    assert status.count("Success") == 2, status
+    show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
+    rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(show))}  # list params are quoted cells
+    assert rows["queued-ect"]["distill.lr"] == "0.0004" and rows["queued-ect"]["distill.mode"] == "ect"
+    assert rows["ict-lpips"]["distill.mode"] == "ct" and rows["ict-lpips"]["distill.metric"] == "lpips"
+    for name in ("queued-ect", "ict-lpips"):
+        assert math.isfinite(float(rows[name]["fid.cm_nfe1"]))
+        out = run(["dvc", "queue", "logs", name], repo, env).stdout
+        # no teacher and no cache to make: trajectories only writes the empty cache that says why
+        assert ran_stages(out) == {"trajectories", "distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
+    run(["dvc", "exp", "apply", "ict-lpips"], repo, env)
+    assert all(math.isfinite(v) for v in read_metrics(repo)["fid"].values())
+    assert "| ct lpips (ict weighting)" in (repo / "reports/summary.md").read_text()
+
+
+def test_a_sample_key_reruns_sampling_only(smoke_repo):
+    repo, env, _ = smoke_repo
+    r = run(["dvc", "exp", "run", "-S", "sample.steps=[1,2,3]", "-S", "sample.search_ts=true",
+             "-n", "three-steps"], repo, env)
+    out = r.stdout + r.stderr
+    assert ran_stages(out) == {"sample", "evaluate", "report"}, out[-3000:]
+    assert "cm_nfe3" in read_metrics(repo)["fid"]
+    search = json.loads((repo / "reports/ts_search.json").read_text())
+    assert set(search["chosen"]) == {"2", "3"}
+    for k, ts in search["chosen"].items():
+        assert len(ts) == int(k) and ts[0] == 0 and ts == sorted(set(ts))
+        # a searched ts replaces the params' one only when it wins with confidence
+        won = search["win_rate"].get(k, {}).get("win_rate", 0) >= search["confidence"]
+        assert ts == search["params_ts"][k] or won, search
+    assert all(math.isfinite(v) for v in search["fid"].values())
+    assert "(searched)" in (repo / "reports/summary.md").read_text()
+
+
+def test_exp_run_of_a_distill_key_reruns_distill_and_after_only(smoke_repo):
+    repo, env, _ = smoke_repo
+    # Online CD (the teacher's Heun step inside each training step) from the same teacher.
+    r = run(["dvc", "exp", "run", "-S", "distill.lr=0.0003", "-S", "distill.pairs=online", "-n", "lr3e-4"],
+            repo, env)
+    out = r.stdout + r.stderr
+    # trajectories re-runs on distill.pairs only to leave an empty cache that says why
+    assert ran_stages(out) == {"trajectories", "distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
+    assert "Heun pairs made in each step (online)" in out
+    assert json.loads((repo / "data/trajectories/cache.json").read_text())["unused"] == "distill.pairs is online"
+    m = read_metrics(repo)
+    assert all(math.isfinite(v) for v in m["fid"].values())
+    # The smoke params keep two evaluation EMAs: both scored, the lower FID chosen and saved as "ema".
+    choice = json.loads((repo / "reports/distill/ema_selection.json").read_text())
+    assert set(choice["fid"]) == {"ema_0.9", "ema_0.5"} and choice["chosen"] == min(choice["fid"], key=choice["fid"].get)
+    show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
+    assert "lr3e-4" in show and "distill.lr" in show and "distill.pairs" in show
+
+
+# distill resumes through the same loop and checkpoint code (tests/test_training.py checks its
+# bit-exact resume); through dvc, the teacher stands for both.
+@pytest.mark.parametrize("stage,out", [("teacher", "data/teacher/model.pt")])
+def test_kill_9_mid_run_then_repro_resumes_from_the_checkpoint(smoke_repo, stage, out):
+    import signal
+    import time
+
+    import torch
+
+    repo, env, _ = smoke_repo
+    _set_params(repo, **{f"{stage}__images": 2048, f"{stage}__checkpoint_every": 256})  # 64 steps, 8 per checkpoint
+    run(["dvc", "repro", "-s", "teacher", "trajectories"] if stage == "distill" else ["dvc", "repro", "-s", "shard"],
+        repo, env)
+    resume = repo / "data/.resume" / f"{stage}.pt"
+    proc = subprocess.Popen(["dvc", "repro", "-s", stage], cwd=repo, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not resume.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert resume.exists(), f"{stage} wrote no checkpoint before it ended"
+    os.killpg(proc.pid, signal.SIGKILL)   # dvc and the stage: as a crash would
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    r = run(["dvc", "repro", "-s", stage], repo, env)
+    m = re.search(rf"{stage}: resuming from data/.resume/{stage}.pt at step (\d+)/64", r.stdout + r.stderr)
+    assert m and 8 <= int(m.group(1)) < 64, (r.stdout + r.stderr)[-3000:]
+    assert not resume.exists()            # removed once the model is saved
+    resumed = _weights(repo / out)
+
+    run(["dvc", "repro", "-s", "-f", stage], repo, env)   # the same budget, uninterrupted
+    straight = _weights(repo / out)
+    for which in straight:
+        for k in straight[which]:
+            assert torch.equal(resumed[which][k], straight[which][k]), (which, k)
+
+
+def test_torchrun_with_two_processes_gives_the_one_process_cache_and_trains(smoke_repo):
+    repo, env, _ = smoke_repo
+    before = json.loads((repo / "data/trajectories/cache.json").read_text())
+    _set_params(repo, dist__nproc_per_node=2)
+    r = run([sys.executable, "-m", "cmpipe.pipeline.launch", "stages.trajectories"], repo, env)
+    assert "torch.distributed.run --nproc_per_node=2" in r.stderr
+    after = json.loads((repo / "data/trajectories/cache.json").read_text())
+    assert [s["sha256"] for s in after["shards"]] == [s["sha256"] for s in before["shards"]]
+    assert json.loads((repo / "reports/trajectories.json").read_text())["processes"] == 2
+    # distill (DDP, gloo) and sample (item-parallel) through dvc, as a user would run them
+    r = run(["dvc", "repro", "-s", "distill", "sample"], repo, env)
+    out = r.stdout + r.stderr
+    assert "torch.distributed.run --nproc_per_node=2" in out and ran_stages(out) == {"distill", "sample"}
+    with __import__("numpy").load(repo / "data/samples/cm_nfe1.npz") as z:
+        assert z["images"].shape[0] == json.loads((repo / "data/samples/sets.json").read_text())["cm_nfe1"]["count"]
+    assert not list((repo / "data").glob(".*parts*"))   # the ranks' temporary parts are gone
 
 
 def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
@@ -106,212 +294,3 @@ def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
         assert (repo / f"reports/edit/{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     status = run(["dvc", "status"], repo, env).stdout
     assert "up to date" in status
-
-
-def test_exp_run_of_a_distill_key_reruns_distill_and_after_only(smoke_repo):
-    repo, env, _ = smoke_repo
-    # Online CD (the teacher's Heun step inside each training step) from the same teacher.
-    r = run(["dvc", "exp", "run", "-S", "distill.lr=0.0003", "-S", "distill.pairs=online", "-n", "lr3e-4"],
-            repo, env)
-    out = r.stdout + r.stderr
-    # trajectories re-runs on distill.pairs only to leave an empty cache that says why
-    assert ran_stages(out) == {"trajectories", "distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
-    assert "Heun pairs made in each step (online)" in out
-    assert json.loads((repo / "data/trajectories/cache.json").read_text())["unused"] == "distill.pairs is online"
-    m = read_metrics(repo)
-    assert all(math.isfinite(v) for v in m["fid"].values())
-    # The smoke params keep two evaluation EMAs: both scored, the lower FID chosen and saved as "ema".
-    choice = json.loads((repo / "reports/distill/ema_selection.json").read_text())
-    assert set(choice["fid"]) == {"ema_0.9", "ema_0.5"} and choice["chosen"] == min(choice["fid"], key=choice["fid"].get)
-    show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
-    assert "lr3e-4" in show and "distill.lr" in show and "distill.pairs" in show
-
-
-def test_a_sample_key_reruns_sampling_only(smoke_repo):
-    repo, env, _ = smoke_repo
-    r = run(["dvc", "exp", "run", "-S", "sample.steps=[1,2,3]", "-S", "sample.search_ts=true",
-             "-n", "three-steps"], repo, env)
-    out = r.stdout + r.stderr
-    assert ran_stages(out) == {"sample", "evaluate", "report"}, out[-3000:]
-    assert "cm_nfe3" in read_metrics(repo)["fid"]
-    search = json.loads((repo / "reports/ts_search.json").read_text())
-    assert set(search["chosen"]) == {"2", "3"}
-    for k, ts in search["chosen"].items():
-        assert len(ts) == int(k) and ts[0] == 0 and ts == sorted(set(ts))
-        # a searched ts replaces the params' one only when it wins with confidence
-        won = search["win_rate"].get(k, {}).get("win_rate", 0) >= search["confidence"]
-        assert ts == search["params_ts"][k] or won, search
-    assert all(math.isfinite(v) for v in search["fid"].values())
-    assert "(searched)" in (repo / "reports/summary.md").read_text()
-
-
-def test_ict_with_lpips_runs_and_exp_show_carries_mode_and_distance(smoke_repo):
-    repo, env, _ = smoke_repo
-    ict = ["distill.mode=ct", "distill.ct_num_scales=ict", "distill.mu_schedule=fixed", "distill.mu=0",
-           "distill.weighting=ict", "distill.ct_index=lognormal", "distill.metric=lpips"]
-    r = run(["dvc", "exp", "run", "-n", "ict-lpips"] + [a for kv in ict for a in ("-S", kv)], repo, env)
-    out = r.stdout + r.stderr
-    assert ran_stages(out) == {"trajectories", "distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
-    assert all(math.isfinite(v) for v in read_metrics(repo)["fid"].values())
-    assert "| ct lpips (ict weighting)" in (repo / "reports/summary.md").read_text()
-    show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
-    rows = list(csv.DictReader(io.StringIO(show)))  # list params are quoted cells with commas
-    row = next(r for r in rows if r["Experiment"] == "ict-lpips")
-    assert row["distill.mode"] == "ct" and row["distill.metric"] == "lpips"
-
-
-def test_class_conditional_model_reruns_from_the_teacher_with_one_row_per_class(smoke_repo):
-    repo, env, _ = smoke_repo
-    # Back to the committed params (an exp run leaves its params in the workspace).
-    run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo, env)
-    run(["dvc", "checkout", "-q"], repo, env)
-    r = run(["dvc", "exp", "run", "-S", "model.class_conditional=true", "-n", "conditional"], repo, env)
-    out = r.stdout + r.stderr
-    assert ran_stages(out) == {"teacher", "trajectories", "distill", "sample", "evaluate", "edit",
-                               "report"}, out[-3000:]
-    assert "conditioned on 10 classes" in out
-    sets = json.loads((repo / "data/samples/sets.json").read_text())
-    assert sets["cm_nfe1"]["classes"] == 10
-    import numpy as np
-    from PIL import Image
-
-    with np.load(repo / "data/samples/cm_nfe1.npz") as z:
-        assert z["labels"].shape == (len(z["images"]),) and set(z["labels"].tolist()) <= set(range(10))
-    side = 28 + 2   # image + padding, doubled by save_grid's scale
-    assert Image.open(repo / "reports/samples/cm_nfe1.png").size == (2 * (8 * side + 2), 2 * (10 * side + 2))
-    assert "one row per class" in (repo / "reports/summary.md").read_text()
-    assert all(math.isfinite(v) for v in read_metrics(repo)["fid"].values())
-
-
-def _reset(repo, env):
-    """Back to the committed params and outputs (an exp run leaves its params in the workspace)."""
-    run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo, env)
-    run(["dvc", "checkout", "-q", "-f"], repo, env)
-
-
-def _set_params(repo: Path, **changes):
-    import yaml
-
-    p = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in changes.items():
-        section, name = key.split("__")
-        p[section][name] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-
-
-def _weights(path: Path) -> dict:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)["weights"]
-
-
-# distill resumes through the same loop and checkpoint code (tests/test_training.py checks its
-# bit-exact resume); through dvc, the teacher stands for both.
-@pytest.mark.parametrize("stage,out", [("teacher", "data/teacher/model.pt")])
-def test_kill_9_mid_run_then_repro_resumes_from_the_checkpoint(smoke_repo, stage, out):
-    import signal
-    import time
-
-    import torch
-
-    repo, env, _ = smoke_repo
-    _reset(repo, env)
-    _set_params(repo, **{f"{stage}__images": 2048, f"{stage}__checkpoint_every": 256})  # 64 steps, 8 per checkpoint
-    run(["dvc", "repro", "-s", "teacher", "trajectories"] if stage == "distill" else ["dvc", "repro", "-s", "shard"],
-        repo, env)
-    resume = repo / "data/.resume" / f"{stage}.pt"
-    proc = subprocess.Popen(["dvc", "repro", "-s", stage], cwd=repo, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not resume.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert resume.exists(), f"{stage} wrote no checkpoint before it ended"
-    os.killpg(proc.pid, signal.SIGKILL)   # dvc and the stage: as a crash would
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-
-    r = run(["dvc", "repro", "-s", stage], repo, env)
-    m = re.search(rf"{stage}: resuming from data/.resume/{stage}.pt at step (\d+)/64", r.stdout + r.stderr)
-    assert m and 8 <= int(m.group(1)) < 64, (r.stdout + r.stderr)[-3000:]
-    assert not resume.exists()            # removed once the model is saved
-    resumed = _weights(repo / out)
-
-    run(["dvc", "repro", "-s", "-f", stage], repo, env)   # the same budget, uninterrupted
-    straight = _weights(repo / out)
-    for which in straight:
-        for k in straight[which]:
-            assert torch.equal(resumed[which][k], straight[which][k]), (which, k)
-    _reset(repo, env)
-
-
-# Outputs that hold wall-clock measurements (throughput curves, seconds per image); every other
-# output of two fresh runs must hash the same.
-TIMED_OUTPUTS = {"reports/teacher", "reports/distill", "reports/trajectories.json", "reports/sample_timing.json",
-                 "reports/summary.md"}
-
-
-def _output_hashes(lock_text: str) -> dict:
-    import yaml
-
-    lock = yaml.safe_load(lock_text)
-    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
-
-
-def test_two_fresh_runs_give_identical_outputs(smoke_repo, second_fresh_run):
-    repo, env, _ = smoke_repo
-    first = _output_hashes(run(["git", "show", "HEAD:dvc.lock"], repo, env).stdout)
-    second_repo, proc = second_fresh_run
-    out, _ = proc.communicate(timeout=1800)
-    assert proc.returncode == 0, out[-4000:]
-    second = _output_hashes((second_repo / "dvc.lock").read_text())
-    assert set(first) == set(second) and TIMED_OUTPUTS < set(first)
-    differ = {p for p in first if first[p] != second[p]}
-    assert differ <= TIMED_OUTPUTS, differ
-    assert (json.loads((second_repo / "reports/metrics.json").read_text())
-            == json.loads(run(["git", "show", "HEAD:reports/metrics.json"], repo, env).stdout))
-
-
-def test_two_queued_experiments_run_in_parallel_and_show_up(smoke_repo):
-    import time
-
-    repo, env, _ = smoke_repo
-    _reset(repo, env)
-    # one switches to consistency training (mode ct: no teacher, no cache), the other to Easy
-    # Consistency Tuning (mode ect: the teacher's weights and the images, no cache) at another lr
-    for name, keys in (("queued-ect", ["distill.mode=ect", "distill.lr=0.0004"]), ("queued-ct", ["distill.mode=ct"])):
-        run(["dvc", "exp", "run", "--queue", "-n", name] + [a for k in keys for a in ("-S", k)], repo, env)
-    run(["dvc", "queue", "start", "-j", "2"], repo, env)
-    deadline, status = time.time() + 900, ""
-    while time.time() < deadline:
-        status = run(["dvc", "queue", "status"], repo, env).stdout
-        done = [line for line in status.splitlines() if line.split()[-1:] in (["Success"], ["Failed"])]
-        if len(done) >= 2:
-            break
-        time.sleep(5)
-    assert status.count("Success") == 2, status
-    show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
-    rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(show))}
-    assert rows["queued-ect"]["distill.lr"] == "0.0004" and rows["queued-ect"]["distill.mode"] == "ect"
-    assert rows["queued-ct"]["distill.mode"] == "ct"
-    for name in ("queued-ect", "queued-ct"):
-        assert math.isfinite(float(rows[name]["fid.cm_nfe1"]))
-
-
-def test_torchrun_with_two_processes_gives_the_one_process_cache_and_trains(smoke_repo):
-    repo, env, _ = smoke_repo
-    _reset(repo, env)
-    before = json.loads((repo / "data/trajectories/cache.json").read_text())
-    _set_params(repo, dist__nproc_per_node=2)
-    r = run([sys.executable, "-m", "cmpipe.pipeline.launch", "stages.trajectories"], repo, env)
-    assert "torch.distributed.run --nproc_per_node=2" in r.stderr
-    after = json.loads((repo / "data/trajectories/cache.json").read_text())
-    assert [s["sha256"] for s in after["shards"]] == [s["sha256"] for s in before["shards"]]
-    assert json.loads((repo / "reports/trajectories.json").read_text())["processes"] == 2
-    # distill (DDP, gloo) and sample (item-parallel) through dvc, as a user would run them
-    r = run(["dvc", "repro", "-s", "distill", "sample"], repo, env)
-    out = r.stdout + r.stderr
-    assert "torch.distributed.run --nproc_per_node=2" in out and ran_stages(out) == {"distill", "sample"}
-    with __import__("numpy").load(repo / "data/samples/cm_nfe1.npz") as z:
-        assert z["images"].shape[0] == json.loads((repo / "data/samples/sets.json").read_text())["cm_nfe1"]["count"]
-    assert not list((repo / "data").glob(".*parts*"))   # the ranks' temporary parts are gone
-    _reset(repo, env)

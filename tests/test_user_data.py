@@ -291,35 +291,24 @@ def test_shard_stage_holds_out_the_reference_of_a_flat_folder(tmp_path, monkeypa
 def test_a_changed_source_folder_reruns_shard(tmp_path):
     """dvc.yaml lists `${shard.path}` as a dependency of shard: an added image shows in `dvc status`,
     for a folder outside the repository (as the Debian dataset is)."""
-    git = ["git", "-c", "user.name=cmpipe tests", "-c", "user.email=tests@cmpipe.invalid"]
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\n")
+    from conftest import project_repo, run
+
     repo = tmp_path / "repo"
-    for f in files:
-        if f and (REPO / f).is_file() and not f.startswith(("reports/", "dvc.lock", "tests/")):
-            (repo / f).parent.mkdir(parents=True, exist_ok=True)
-            (repo / f).write_bytes((REPO / f).read_bytes())
+    repo.mkdir()
     source = write_class_folder(tmp_path / "images", 6, seed=3)  # outside the repository
     params = yaml.safe_load((REPO / "params-smoke.yaml").read_text())
     params["shard"].update(source="image_folder", path=str(source), resolution=8, holdout=2,
                            ref_split="holdout")
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(repo / "src"), DVC_NO_ANALYTICS="1")
+    env = project_repo(repo, yaml.safe_dump(params, sort_keys=False))
 
-    def run(*cmd):
-        r = subprocess.run(list(cmd), cwd=repo, env=env, capture_output=True, text=True, check=False)
-        assert r.returncode == 0, f"{cmd}: {r.stdout[-2000:]}\n{r.stderr[-2000:]}"
-        return r.stdout
+    def dvc(*args):
+        return run(["dvc", *args], repo, env).stdout
 
-    run("git", "init", "-q")
-    run(*git, "add", "-A")
-    run(*git, "commit", "-qm", "tiny")
-    run("dvc", "repro", "shard")
-    assert "up to date" in run("dvc", "status", "shard")
+    dvc("repro", "shard")
+    assert "up to date" in dvc("status", "shard")
     (source / "a" / "new.png").write_bytes((source / "a" / "1.png").read_bytes())
-    status = run("dvc", "status", "shard")
+    status = dvc("status", "shard")
     assert "changed deps" in status and re.search(rf"modified:\s+{re.escape(str(source))}\n", status), status
-    assert "Running stage 'shard'" in run("dvc", "repro", "shard")
+    assert "Running stage 'shard'" in dvc("repro", "shard")
     manifest = json.loads((repo / "data/shards/manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["holdout"]["count"] == 7
