@@ -4,6 +4,12 @@ from pathlib import Path
 
 # See stages/__init__.py: spinning OpenMP threads collapse throughput on a shared CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under `pytest -n N` (pytest-xdist) each worker, and every stage it starts, gets its share of
+# the cores: N workers that each used all of them ran the suite slower than one worker did
+# (measured on 2 cores: 661 s with two workers of two threads, 619 s with one busy worker).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 ROOT = Path(__file__).resolve().parents[1]
 # Reference files for tests, copied from ../shared/testdata so a clean clone has them
