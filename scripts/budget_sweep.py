@@ -48,12 +48,12 @@ from cmpipe.cm.precond import (
 )
 from cmpipe.cm.sampling import default_ts  # noqa: E402
 from cmpipe.cm.schedules import sample_pair_indices  # noqa: E402
-from cmpipe.images import to_unit  # noqa: E402
-from cmpipe.networks import build_unet, load_network, unet_config
+from cmpipe.util.images import to_unit  # noqa: E402
+from cmpipe.models.networks import build_unet, load_network, unet_config
 from cmpipe.pipeline import params  # noqa: E402
 from cmpipe.pipeline.config import resolve_metric  # noqa: E402
-from cmpipe.sample_sets import cm_sampler, generate, heun_sampler  # noqa: E402
-from cmpipe.training import EpochSampler, ema_update, train  # noqa: E402
+from cmpipe.sampling.sets import cm_sampler, generate, heun_sampler  # noqa: E402
+from cmpipe.training.loop import EpochSampler, ema_update, train  # noqa: E402
 
 ICT = dict(mode="ct", ct_num_scales="ict", mu_schedule="fixed", mu=0.0, weighting="ict",
            ct_index="lognormal", metric="pseudo_huber")

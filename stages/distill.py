@@ -24,8 +24,8 @@ import shutil
 
 from cmpipe.distributed import ddp as distributed
 from cmpipe.distributed.accel import Accel
-from cmpipe.images import save_grid
-from cmpipe.networks import save_model
+from cmpipe.util.images import save_grid
+from cmpipe.models.networks import save_model
 from cmpipe.pipeline import params
 from cmpipe.pipeline.config import (
     ct_schedule_from,
@@ -37,8 +37,8 @@ from cmpipe.pipeline.ema import HeldoutFID, check_heldout_fid, evaluation_ema, s
 from cmpipe.pipeline.layout import DISTILL_REPORT as REPORT, DISTILL_RESUME as RESUME, STUDENT as OUT
 from cmpipe.pipeline.setups import cd_setup, ct_setup, ect_setup
 from cmpipe.pipeline.stage import run_stage
-from cmpipe.sample_sets import class_labels, cm_sampler, generate, preview_plan
-from cmpipe.training import ema_update, train
+from cmpipe.sampling.sets import class_labels, cm_sampler, generate, preview_plan
+from cmpipe.training.loop import ema_update, train
 from cmpipe.util.hashing import fingerprint_of
 
 log = logging.getLogger("stages.distill")

@@ -30,7 +30,7 @@ from cmpipe.cm.precond import ConsistencyFunction
 from cmpipe.cm.sampling import check_ts, consistency_sample
 from cmpipe.data import load_image_split, read_manifest
 from cmpipe.distributed.device import pick_device
-from cmpipe.edit_tasks import (
+from cmpipe.editing.tasks import (
     bicubic_upsample_means,
     centre_box_mask,
     gray_replicated,
@@ -39,13 +39,13 @@ from cmpipe.edit_tasks import (
     psnr,
     random_box_masks,
 )
-from cmpipe.images import save_grid, to_uint8, to_unit
-from cmpipe.networks import load_network
+from cmpipe.util.images import save_grid, to_uint8, to_unit
+from cmpipe.models.networks import load_network
 from cmpipe.pipeline import params
 from cmpipe.pipeline.config import sigmas_from
 from cmpipe.pipeline.layout import EDIT as OUT, MANIFEST, STUDENT
 from cmpipe.pipeline.stage import run_stage
-from cmpipe.sample_sets import bind_labels, class_labels, edit_with_seed
+from cmpipe.sampling.sets import bind_labels, class_labels, edit_with_seed
 from cmpipe.util.fileio import atomic_dir, atomic_write_json
 from cmpipe.util.seeding import per_sample_randn, seeded_generator
 

@@ -21,7 +21,7 @@ from cmpipe.pipeline.layout import (
     TRAJECTORIES_REPORT,
 )
 from cmpipe.pipeline.stage import run_stage
-from cmpipe.report import summary_markdown
+from cmpipe.pipeline.report import summary_markdown
 from cmpipe.util.fileio import atomic_write_text
 
 REPORTS = SUMMARY.parent

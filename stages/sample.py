@@ -8,7 +8,7 @@ Reads params `sample` and `diffusion`; inputs data/student/model.pt and data/tea
 count), reports/samples/<set>.png (first 64 images, or one row per class),
 reports/ts_search.json and reports/sample_timing.json (seconds per image). With
 `sample.search_ts`, the ts of 2 and more steps come from a search on the FID of
-`search_count` held-out samples (`cmpipe.ts_search`), and every candidate's FID is reported;
+`search_count` held-out samples (`cmpipe.sampling.ts_search`), and every candidate's FID is reported;
 a searched ts replaces the one of `sample.ts` only if it wins 90% of paired bootstrap resamples.
 Sets: cm_nfe<k> for k in sample.steps, teacher_nfe<nfe> (Heun) for sample.teacher_heun_nfe,
 teacher_euler_nfe<nfe> for sample.teacher_euler_nfe and teacher_dpm_nfe<nfe> (DPM-Solver++(2M))
@@ -24,9 +24,9 @@ from cmpipe.cm.karras import Sigmas, heun_nfe_to_steps
 from cmpipe.cm.precond import ConsistencyFunction
 from cmpipe.cm.sampling import check_ts, default_ts
 from cmpipe.distributed import ddp as distributed
-from cmpipe.images import class_rows, save_grid
+from cmpipe.util.images import class_rows, save_grid
 from cmpipe.metrics import fid as evaluation
-from cmpipe.networks import load_network, num_classes_of
+from cmpipe.models.networks import load_network, num_classes_of
 from cmpipe.pipeline import params
 from cmpipe.pipeline.config import sigmas_from
 from cmpipe.pipeline.layout import (
@@ -39,7 +39,7 @@ from cmpipe.pipeline.layout import (
     TS_SEARCH as SEARCH_REPORT,
 )
 from cmpipe.pipeline.stage import run_stage
-from cmpipe.sample_sets import (
+from cmpipe.sampling.sets import (
     class_labels,
     cm_sampler,
     dpm_sampler,
@@ -47,8 +47,8 @@ from cmpipe.sample_sets import (
     generate,
     heun_sampler,
 )
-from cmpipe.teachers import load_teacher
-from cmpipe.ts_search import CONFIDENCE, search_ts_by_fid
+from cmpipe.models.teachers import load_teacher
+from cmpipe.sampling.ts_search import CONFIDENCE, search_ts_by_fid
 from cmpipe.util.fileio import atomic_savez, atomic_write_json
 
 log = logging.getLogger("stages.sample")

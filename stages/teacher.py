@@ -22,8 +22,8 @@ from cmpipe.data import load_image_split, read_manifest
 from cmpipe.distributed import ddp as distributed
 from cmpipe.distributed.accel import Accel, resident
 from cmpipe.export.diffusers import is_diffusers_dir
-from cmpipe.images import save_grid, to_unit
-from cmpipe.networks import (
+from cmpipe.util.images import save_grid, to_unit
+from cmpipe.models.networks import (
     build_unet,
     count_parameters,
     load_network,
@@ -36,9 +36,9 @@ from cmpipe.pipeline.config import sigmas_from, train_config_from
 from cmpipe.pipeline.ema import HeldoutFID, check_heldout_fid, evaluation_ema, scores_heldout_fid
 from cmpipe.pipeline.layout import MANIFEST, TEACHER as OUT, TEACHER_REPORT as REPORT, TEACHER_RESUME as RESUME
 from cmpipe.pipeline.stage import run_stage
-from cmpipe.sample_sets import class_labels, dpm_sampler, generate, heun_sampler, preview_plan
-from cmpipe.teachers import adopt_diffusers_teacher, load_teacher
-from cmpipe.training import EpochSampler, train
+from cmpipe.sampling.sets import class_labels, dpm_sampler, generate, heun_sampler, preview_plan
+from cmpipe.models.teachers import adopt_diffusers_teacher, load_teacher
+from cmpipe.training.loop import EpochSampler, train
 from cmpipe.util.hashing import fingerprint_of
 
 log = logging.getLogger("stages.teacher")

@@ -20,8 +20,8 @@ from cmpipe.pipeline import params
 from cmpipe.pipeline.config import sigmas_from
 from cmpipe.pipeline.layout import MANIFEST, TEACHER, TRAJECTORIES as OUT, TRAJECTORIES_REPORT as REPORT
 from cmpipe.pipeline.stage import run_stage
-from cmpipe.teachers import load_teacher
-from cmpipe.trajectories import compute_pairs
+from cmpipe.models.teachers import load_teacher
+from cmpipe.training.trajectories import compute_pairs
 from cmpipe.util.fileio import atomic_write_json
 
 log = logging.getLogger("stages.trajectories")

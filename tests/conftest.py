@@ -23,7 +23,7 @@ def tiny_unet(channels: int = 1, seed: int = 0, res: int = 8, num_classes: int |
     the initialisation, so every weight (and the class embedding) matters in a comparison."""
     import torch
 
-    from cmpipe import networks
+    from cmpipe.models import networks
 
     torch.manual_seed(seed)
     cfg = networks.unet_config([8, 16], 1, [], 0.0, res, channels, num_classes)

@@ -10,17 +10,17 @@ import pytest
 import torch
 from conftest import tiny_unet
 
-from cmpipe import networks
+from cmpipe.models import networks
 from cmpipe.cm.karras import Sigmas, heun_step
 from cmpipe.cm.precond import ConsistencyFunction, EDMDenoiser
 from cmpipe.cm.sampling import consistency_sample
 from cmpipe.data import write_shards
 from cmpipe.export.diffusers import export_consistency_model, ts_to_diffusers_timesteps
 from cmpipe.export.generate import main as generate_main
-from cmpipe.images import class_rows
-from cmpipe.networks import load_network, model_num_classes, unet_config
-from cmpipe.sample_sets import class_labels, class_rows as class_row_labels, cm_sampler, generate
-from cmpipe.trajectories import compute_pairs, load_pairs
+from cmpipe.util.images import class_rows
+from cmpipe.models.networks import load_network, model_num_classes, unet_config
+from cmpipe.sampling.sets import class_labels, class_rows as class_row_labels, cm_sampler, generate
+from cmpipe.training.trajectories import compute_pairs, load_pairs
 
 RES, K = 8, 3
 SIG = Sigmas(num_scales=5)

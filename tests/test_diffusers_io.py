@@ -16,7 +16,7 @@ import torch
 from conftest import save_ddpm_dir, tiny_unet
 from PIL import Image
 
-from cmpipe import networks
+from cmpipe.models import networks
 from cmpipe.cm.karras import Sigmas, heun_step
 from cmpipe.cm.precond import ConsistencyFunction, DiffusersEpsTeacher
 from cmpipe.cm.sampling import consistency_sample
@@ -31,8 +31,8 @@ from cmpipe.export.diffusers import (
     ts_to_diffusers_timesteps,
 )
 from cmpipe.export.generate import main as generate_main
-from cmpipe.networks import CheckpointError, load_network
-from cmpipe.sample_sets import cm_sampler, generate
+from cmpipe.models.networks import CheckpointError, load_network
+from cmpipe.sampling.sets import cm_sampler, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SIG = Sigmas(num_scales=5)  # a small grid: ts [0, 2] is a real 2-step sampler

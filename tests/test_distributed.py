@@ -16,7 +16,7 @@ from cmpipe.distributed import ddp as distributed
 from cmpipe.distributed.ddp import Dist
 from cmpipe.pipeline.launch import command
 from cmpipe.pipeline.params import ParamsError
-from cmpipe.training import EpochSampler, TrainConfig, train
+from cmpipe.training.loop import EpochSampler, TrainConfig, train
 
 BATCH, STEPS = 8, 3
 

@@ -5,7 +5,7 @@ import torch
 
 from cmpipe.cm.losses import consistency_loss, l2
 from cmpipe.cm.precond import ConsistencyFunction
-from cmpipe.networks import build_unet, unet_config
+from cmpipe.models.networks import build_unet, unet_config
 
 
 def test_target_with_the_students_weights_sees_the_same_dropout_mask():

@@ -127,7 +127,7 @@ def test_ect_student_has_edm_scalings_in_training_and_the_boundary_at_sigma_min_
 
 
 def test_student_of_teacher_keeps_the_weights_with_another_dropout(tmp_path):
-    from cmpipe import networks
+    from cmpipe.models import networks
     from cmpipe.pipeline.setups import student_of_teacher
 
     cfg, net = tiny_unet(1, seed=7)

@@ -15,14 +15,14 @@ from cmpipe.cm.editing import (
 )
 from cmpipe.cm.karras import Sigmas
 from cmpipe.cm.precond import ConsistencyFunction
-from cmpipe.edit_tasks import (
+from cmpipe.editing.tasks import (
     bicubic_upsample_means,
     centre_box_mask,
     mean_fill,
     psnr,
     random_box_masks,
 )
-from cmpipe.networks import build_unet, unet_config
+from cmpipe.models.networks import build_unet, unet_config
 
 SIG = Sigmas(num_scales=18)
 

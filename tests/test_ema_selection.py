@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from cmpipe.ema_selection import best_ema, heldout_fids
+from cmpipe.training.selection import best_ema, heldout_fids
 from cmpipe.errors import ParamsError
 from cmpipe.metrics import fid as evaluation
 from cmpipe.pipeline import params
 from cmpipe.pipeline.ema import CURVE, SELECTION, check_heldout_fid, evaluation_ema
-from cmpipe.training import ema_names
+from cmpipe.training.loop import ema_names
 
 
 def test_one_decay_keeps_the_name_ema_and_several_are_named_by_decay():
@@ -95,7 +95,7 @@ def test_the_held_out_fid_ranks_samples_like_the_reference_first(tmp_path):
 
 
 def test_the_summary_flattens_the_nested_scores_of_dvclive():
-    from cmpipe.report import flat
+    from cmpipe.pipeline.report import flat
 
     assert flat({"loss": 0.5, "heldout_fid": {"ema_0.99": 150.0}, "fid": {"a": {"b": 1}}}) == {
         "loss": 0.5, "heldout_fid.ema_0.99": 150.0, "fid.a.b": 1}

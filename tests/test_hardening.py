@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import Boom as _Boom, tiny_unet
 
-from cmpipe import networks
-from cmpipe.networks import CheckpointError, load_network, save_model
+from cmpipe.models import networks
+from cmpipe.models.networks import CheckpointError, load_network, save_model
 from cmpipe.util.fileio import atomic_save, atomic_savez, atomic_write_json
 
 

@@ -25,7 +25,7 @@ from cmpipe.cm.losses import (
 )
 from cmpipe.cm.precond import ConsistencyFunction, EDMDenoiser, c_noise
 from cmpipe.cm.sampling import consistency_sample, default_ts
-from cmpipe.networks import build_unet, unet_config
+from cmpipe.models.networks import build_unet, unet_config
 
 
 class Linear(torch.nn.Module):

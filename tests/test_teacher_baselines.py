@@ -9,8 +9,8 @@ import torch
 
 from cmpipe.cm.karras import Sigmas, sample_euler
 from cmpipe.pipeline.params import ParamsError
-from cmpipe.report import match_markdown, teacher_nfe_to_match
-from cmpipe.sample_sets import dpm_sampler, euler_sampler, heun_sampler, sample_dpm_solver
+from cmpipe.pipeline.report import match_markdown, teacher_nfe_to_match
+from cmpipe.sampling.sets import dpm_sampler, euler_sampler, heun_sampler, sample_dpm_solver
 
 SIG = Sigmas()
 
@@ -150,7 +150,7 @@ def test_teacher_nfe_to_match_on_a_hand_made_table():
 
 
 def test_summary_states_the_teacher_nfe_to_match(tmp_path):
-    from cmpipe.report import summary_markdown
+    from cmpipe.pipeline.report import summary_markdown
 
     sets = {"cm_nfe1": {"kind": "cm", "nfe": 1, "ts": [0]}, "teacher_dpm_nfe2": {"kind": "teacher_dpm", "nfe": 2},
             "teacher_dpm_nfe4": {"kind": "teacher_dpm", "nfe": 4}}

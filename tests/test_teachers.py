@@ -1,4 +1,4 @@
-"""cmpipe.teachers: a diffusers ε-teacher adopted as a "ddpm_teacher" file, and load_teacher for
+"""cmpipe.models.teachers: a diffusers ε-teacher adopted as a "ddpm_teacher" file, and load_teacher for
 both teacher kinds. Tiny UNets; a few seconds in all."""
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import save_ddpm_dir, tiny_unet
 
-from cmpipe import networks
+from cmpipe.models import networks
 from cmpipe.cm.precond import DiffusersEpsTeacher, EDMDenoiser
-from cmpipe.networks import CheckpointError
+from cmpipe.models.networks import CheckpointError
 from cmpipe.pipeline.params import ParamsError
-from cmpipe.teachers import adopt_diffusers_teacher, load_teacher, load_teacher_file
+from cmpipe.models.teachers import adopt_diffusers_teacher, load_teacher, load_teacher_file
 
 RES = 8
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cmpipe.pipeline.config import train_config_from
-from cmpipe.training import EpochSampler, TrainConfig, ema_names, ema_update, train
+from cmpipe.training.loop import EpochSampler, TrainConfig, ema_names, ema_update, train
 from cmpipe.util.fileio import atomic_save
 from cmpipe.util.seeding import seeded_generator
 

@@ -4,8 +4,8 @@ import torch
 from cmpipe.cm.karras import Sigmas, heun_step
 from cmpipe.cm.precond import EDMDenoiser
 from cmpipe.data import write_shards
-from cmpipe.networks import build_unet, unet_config
-from cmpipe.trajectories import compute_pairs, load_pairs, pair_randomness
+from cmpipe.models.networks import build_unet, unet_config
+from cmpipe.training.trajectories import compute_pairs, load_pairs, pair_randomness
 
 
 def teacher():

@@ -1,7 +1,7 @@
 """The ts search finds the known minimum of toy objectives."""
 import pytest
 
-from cmpipe.ts_search import search_ts, ternary_search
+from cmpipe.sampling.ts_search import search_ts, ternary_search
 
 
 def test_ternary_search_finds_the_minimum_of_a_unimodal_function():
@@ -84,7 +84,7 @@ def test_paired_win_rate():
     import numpy as np
 
     from cmpipe.metrics.fid import feature_stats
-    from cmpipe.ts_search import paired_win_rate
+    from cmpipe.sampling.ts_search import paired_win_rate
 
     rng = np.random.default_rng(1)
     real = rng.normal(size=(400, 16))

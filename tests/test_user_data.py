@@ -123,7 +123,7 @@ def test_report_without_its_inputs_is_one_line(tmp_path):
 
 
 def test_empty_and_mismatched_lists_are_params_errors(tmp_path):
-    from cmpipe.networks import unet_config
+    from cmpipe.models.networks import unet_config
     from cmpipe.pipeline import params
 
     model = yaml.safe_load((REPO / "params.yaml").read_text())["model"]
@@ -179,7 +179,7 @@ def _cache(root: Path, x_n: float = 0.5) -> list[Path]:
 
 def test_a_modified_trajectory_cache_is_refused(tmp_path):
     from cmpipe.data import ShardError
-    from cmpipe.trajectories import load_pairs
+    from cmpipe.training.trajectories import load_pairs
 
     root = tmp_path / "data" / "trajectories"
     shards = _cache(root)

@@ -8,7 +8,7 @@ import torch
 
 from cmpipe.cm.precond import EDMDenoiser
 from cmpipe.distributed.device import fast_cpu_defaults
-from cmpipe.networks import build_unet, unet_config
+from cmpipe.models.networks import build_unet, unet_config
 from cmpipe.pipeline import params as params_mod
 from cmpipe.pipeline.config import sigmas_from
 

@@ -13,8 +13,8 @@ from cmpipe.bench.common import memory, rate, rounded, setup, sync, timed
 from cmpipe.cm.losses import edm_loss
 from cmpipe.cm.precond import EDMDenoiser
 from cmpipe.distributed.device import pick_device
-from cmpipe.networks import count_parameters
-from cmpipe.training import ema_update
+from cmpipe.models.networks import count_parameters
+from cmpipe.training.loop import ema_update
 
 LOADER_TARGET = 10.0  # the loader must deliver >= 10x what the training step consumes
 MANIFEST = Path("data/shards/manifest.json")

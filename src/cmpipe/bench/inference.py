@@ -8,7 +8,7 @@ import torch
 from cmpipe.bench.common import frozen_teacher, memory, rate, rounded, setup, timed
 from cmpipe.cm.precond import student_from_teacher
 from cmpipe.distributed.device import pick_device
-from cmpipe.networks import count_parameters
+from cmpipe.models.networks import count_parameters
 
 TRAJECTORIES_TARGET = 0.8  # of the limit: the teacher's forward throughput / 2 evaluations
 
@@ -16,7 +16,7 @@ TRAJECTORIES_TARGET = 0.8  # of the limit: the teacher's forward throughput / 2 
 def trajectories(batch_size: int | None = None, steps: int = 3, params_file: str = "params.yaml",
                  device: str = "auto", bf16: bool | None = None) -> dict:
     """Cache pairs/s (`pair_batch` over batches) against the teacher's forward images/s / 2."""
-    from cmpipe.trajectories import pair_batch
+    from cmpipe.training.trajectories import pair_batch
 
     dev = pick_device(device)
     p, sig, net = setup(dev, params_file, "trajectories")
@@ -70,7 +70,7 @@ def sampling(batch_size: int | None = None, steps: int = 2, params_file: str = "
     """
     from cmpipe.cm.karras import heun_nfe_to_steps
     from cmpipe.cm.sampling import default_ts
-    from cmpipe.sample_sets import cm_sampler, heun_sampler
+    from cmpipe.sampling.sets import cm_sampler, heun_sampler
     from cmpipe.util.seeding import per_sample_randn
 
     dev = pick_device(device)

@@ -14,10 +14,10 @@ from cmpipe.bench.common import frozen_teacher, memory, peak_rss_mb, rate, round
 from cmpipe.cm.losses import cd_loss, cd_loss_online, teacher_heun_pair
 from cmpipe.cm.precond import student_from_teacher
 from cmpipe.distributed.device import pick_device
-from cmpipe.networks import count_parameters
+from cmpipe.models.networks import count_parameters
 from cmpipe.pipeline import params as params_mod
 from cmpipe.pipeline.config import resolve_metric
-from cmpipe.training import ema_update
+from cmpipe.training.loop import ema_update
 
 # The online step costs the teacher's 2 evaluations more than the cached one, whose student and
 # target forwards and backward (about 2 forwards) make about 4: 6 / 4 = 1.5.

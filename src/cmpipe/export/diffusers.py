@@ -58,7 +58,7 @@ from torch import nn
 from cmpipe.cm.karras import Sigmas
 from cmpipe.cm.precond import ConsistencyFunction, DiffusersEpsTeacher
 from cmpipe.cm.sampling import check_ts
-from cmpipe.networks import CheckpointError, load_network
+from cmpipe.models.networks import CheckpointError, load_network
 from cmpipe.util.fileio import replace_dir, temp_dir_beside
 
 EXPORT_FORMAT = "cmpipe-diffusers-export-1"

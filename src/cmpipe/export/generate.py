@@ -45,10 +45,10 @@ from cmpipe.export.diffusers import (
     publish_dir,
     resolve_sigmas,
 )
-from cmpipe.images import save_grid, to_uint8
-from cmpipe.networks import CheckpointError, load_network
+from cmpipe.util.images import save_grid, to_uint8
+from cmpipe.models.networks import CheckpointError, load_network
 from cmpipe.pipeline import params as params_mod
-from cmpipe.sample_sets import class_labels, cm_sampler
+from cmpipe.sampling.sets import class_labels, cm_sampler
 from cmpipe.util.fileio import temp_dir_beside
 from cmpipe.util.seeding import per_sample_randn
 

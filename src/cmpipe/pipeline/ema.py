@@ -8,10 +8,10 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from cmpipe.ema_selection import best_ema, heldout_fids
+from cmpipe.training.selection import best_ema, heldout_fids
 from cmpipe.errors import ParamsError
 from cmpipe.pipeline.layout import EMA_SELECTION_NAME, FID_REF
-from cmpipe.training import ema_names
+from cmpipe.training.loop import ema_names
 from cmpipe.util.fileio import atomic_write_json, atomic_write_text
 
 SELECTION = EMA_SELECTION_NAME  # in the stage's reports folder

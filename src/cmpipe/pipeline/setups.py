@@ -17,8 +17,8 @@ from cmpipe.cm.precond import ConsistencyFunction, ECTConsistencyFunction, stude
 from cmpipe.cm.schedules import CTSchedule, ect_r, ect_sample_t, sample_pair_indices
 from cmpipe.data import ShardError, load_image_split, read_manifest
 from cmpipe.distributed.accel import resident
-from cmpipe.images import to_unit
-from cmpipe.networks import (
+from cmpipe.util.images import to_unit
+from cmpipe.models.networks import (
     build_unet,
     count_parameters,
     model_num_classes,
@@ -27,9 +27,9 @@ from cmpipe.networks import (
 )
 from cmpipe.pipeline.layout import MANIFEST, TEACHER, TRAJECTORIES
 from cmpipe.pipeline.params import ParamsError
-from cmpipe.teachers import load_teacher, load_teacher_file
-from cmpipe.training import EpochSampler
-from cmpipe.trajectories import load_pairs
+from cmpipe.models.teachers import load_teacher, load_teacher_file
+from cmpipe.training.loop import EpochSampler
+from cmpipe.training.trajectories import load_pairs
 from cmpipe.util.hashing import sha256_file
 
 log = logging.getLogger(__name__)

@@ -139,7 +139,7 @@ def search_ts_by_fid(f, sig, shape, max_steps: int, count: int, seed: int, batch
 
     from cmpipe.distributed.ddp import SINGLE, broadcast_object
     from cmpipe.metrics import fid as evaluation
-    from cmpipe.sample_sets import cm_sampler, generate
+    from cmpipe.sampling.sets import cm_sampler, generate
 
     log = logging.getLogger(__name__)
     dist = dist or SINGLE

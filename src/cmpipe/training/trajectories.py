@@ -22,7 +22,7 @@ from cmpipe.cm.karras import Sigmas
 from cmpipe.cm.losses import teacher_heun_pair
 from cmpipe.data import ShardError, read_records
 from cmpipe.distributed.ddp import SINGLE, Dist, gather_in_order
-from cmpipe.images import to_unit
+from cmpipe.util.images import to_unit
 from cmpipe.util.hashing import check_sha256
 from cmpipe.util.seeding import seeded_generator
 

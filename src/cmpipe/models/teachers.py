@@ -18,7 +18,7 @@ from torch import nn
 
 from cmpipe.cm.precond import DiffusersEpsTeacher, EDMDenoiser
 from cmpipe.export.diffusers import load_diffusers_teacher
-from cmpipe.networks import CheckpointError, build_unet, load_network, save_model
+from cmpipe.models.networks import CheckpointError, build_unet, load_network, save_model
 from cmpipe.pipeline.params import ParamsError
 
 TEACHER_KINDS = ("edm_teacher", "ddpm_teacher")

@@ -19,7 +19,7 @@ from cmpipe.cm.editing import Constraint, edit
 from cmpipe.cm.karras import Denoise, Sigmas, clipped, sample_euler, sample_heun
 from cmpipe.cm.sampling import consistency_sample
 from cmpipe.distributed.ddp import SINGLE, Dist, gather_in_order
-from cmpipe.images import to_uint8
+from cmpipe.util.images import to_uint8
 from cmpipe.util.seeding import per_sample_randn, seeded_generator
 
 # The generator stream of a sample's class label, apart from its noises (streams 0, 1, 2, ...).

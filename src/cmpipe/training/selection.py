@@ -21,7 +21,7 @@ def heldout_fids(samplers: dict[str, Callable], count: int, batch_size: int, sha
     """The FID of `count` samples drawn with `seed` by each sampler (a `sample_sets.generate` batch
     function) against the reference "mu" and "sigma" (`metrics.fid.load_reference`)."""
     from cmpipe.metrics import fid as evaluation
-    from cmpipe.sample_sets import generate
+    from cmpipe.sampling.sets import generate
 
     if not samplers:
         raise ValueError("heldout_fids needs at least one sampler")
