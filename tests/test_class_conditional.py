@@ -105,7 +105,8 @@ def test_trajectory_cache_stores_the_class_and_conditions_the_teacher(tmp_path):
     T = EDMDenoiser(tiny_net(), 0.5).eval()
     images = torch.randint(0, 256, (5, 1, RES, RES), dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 1, 0])
-    recs = list(compute_pairs(T, images, 6, 3, SIG, 4, torch.device("cpu"), labels=labels))
+    recs = list(compute_pairs(T, images, 6, 3, SIG, 4, torch.device("cpu"), labels=labels,
+                              parts_dir=tmp_path / "trajectories"))
     grid = SIG.grid().float()
     for r in recs:
         img, n = r["json"]["image"], r["cls"]

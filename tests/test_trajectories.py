@@ -16,8 +16,8 @@ def teacher():
 def test_cache_is_independent_of_batch_size_and_matches_the_formula(tmp_path):
     sig, T = Sigmas(), teacher()
     images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
-    a = list(compute_pairs(T, images, 7, 11, sig, 3, torch.device("cpu")))
-    b = list(compute_pairs(T, images, 7, 11, sig, 7, torch.device("cpu")))
+    a = list(compute_pairs(T, images, 7, 11, sig, 3, torch.device("cpu"), parts_dir=tmp_path / "t"))
+    b = list(compute_pairs(T, images, 7, 11, sig, 7, torch.device("cpu"), parts_dir=tmp_path / "t"))
     grid = sig.grid().float()
     for i, (ra, rb) in enumerate(zip(a, b)):
         assert ra["__key__"] == rb["__key__"] == f"pair_{i:09d}"

@@ -6,6 +6,7 @@ dx/dsigma = (x - D(x; sigma)) / sigma.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -113,3 +114,23 @@ def heun_nfe_to_steps(nfe: int) -> int:
         raise ValueError(f"a Heun sampler has an odd NFE (2N - 1); got {nfe}: "
                          f"fix sample.teacher_heun_nfe")
     return (nfe + 1) // 2
+
+
+def logsnr_sigmas(nfe: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                  dtype=torch.float64) -> torch.Tensor:
+    """The nfe + 1 noise levels of an nfe-step trajectory, uniform in logSNR, index 0 = sigma_max.
+
+    CMT (Hu et al. 2026, section 3; sony/cmt DPMSolverLoss, DPM-Solver's skip_type 'logSNR'):
+    with EDM's sigma the half-logSNR is lambda = -ln sigma, so
+    ln sigma_i = ln sigma_max + i/nfe (ln sigma_min - ln sigma_max), i = 0..nfe. The last level is
+    sigma_min (the trajectory's clean end), not 0. Float64 with exact end points; callers cast.
+    """
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"logsnr_sigmas needs nfe >= 1 (an integer number of solver steps), got {nfe!r}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"logsnr_sigmas needs 0 < sigma_min ({sigma_min}) < sigma_max ({sigma_max})")
+    i = torch.arange(nfe + 1, dtype=torch.float64)
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    s = (hi + i / nfe * (lo - hi)).exp()
+    s[0], s[-1] = sigma_max, sigma_min  # exact end points despite rounding
+    return s.to(dtype)

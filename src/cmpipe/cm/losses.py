@@ -165,3 +165,38 @@ def ect_loss(student, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, r: torc
         r_eval = torch.where(r > 0, r, t)
         target = torch.where(r.reshape(b) > 0, student(x + r_eval.reshape(b) * z, r_eval), x)
     return (PseudoHuber(c)(pred, target) / (t - r)).mean()
+
+
+def midtrain_loss(f, points: torch.Tensor, sigmas: torch.Tensor, end: torch.Tensor,
+                  distance: Distance) -> torch.Tensor:
+    """Consistency Mid-Training (CMT; Hu et al. 2026, section 3, the mid-training objective): the
+    mean over trajectories b and points i of d(f_theta(x_hat_{t_i}, t_i), x_hat_{t_0}).
+
+    points: B x P x C x H x W, trajectory b's points at the levels sigmas (P,) or (B, P), all above
+    the boundary; end: B x C x H x W, each trajectory's clean end x_hat_{t_0}. f is the consistency
+    function (boundary scalings), one forward over all B*P points in trajectory-major order (bind a
+    class-conditional f to labels.repeat_interleave(P)); no weighting. As sony/cmt's
+    DPMSolverLoss (which drops the last of the NFE+1 points), the point at t_0 itself does not
+    enter: there f(x, sigma_min) = x = end and its d = 0 would only dilute the mean. Pass
+    trajectory[:, :-1] with sigmas[:-1] and trajectory[:, -1]; a batch of 128 points is
+    128/M trajectories x M points.
+    """
+    if points.ndim < 3 or points.shape[0] == 0 or points.shape[1] == 0:
+        raise ValueError(f"points must be B x P x C x H x W with B, P >= 1, got {tuple(points.shape)}")
+    b, p = points.shape[:2]
+    if tuple(end.shape) != (b, *points.shape[2:]):
+        raise ValueError(f"end has shape {tuple(end.shape)}; points {tuple(points.shape)} need one clean "
+                         f"end per trajectory, {(b, *points.shape[2:])}")
+    sigmas = torch.as_tensor(sigmas, device=points.device)
+    if tuple(sigmas.shape) not in ((p,), (b, p)):
+        raise ValueError(f"sigmas has shape {tuple(sigmas.shape)}; points {tuple(points.shape)} need ({p},) "
+                         f"or ({b}, {p})")
+    sigmas = sigmas.float().expand(b, p)
+    sigma_min = getattr(f, "sigma_min", None)
+    if sigma_min is not None and bool((sigmas <= sigma_min).any()):
+        raise ValueError(f"sigmas reach the boundary sigma_min = {sigma_min} ({sigmas.min().item():g}), "
+                         f"where f(x) = x: the clean end does not enter the CMT loss; pass the points "
+                         f"before it (trajectory[:, :-1], sigmas[:-1])")
+    pred = f(points.flatten(0, 1), sigmas.reshape(-1))
+    target = end.unsqueeze(1).expand_as(points).flatten(0, 1).to(pred.dtype)
+    return distance(pred, target).mean()
