@@ -53,7 +53,8 @@ from cmpipe.models.networks import build_unet, load_network, unet_config
 from cmpipe.pipeline import params  # noqa: E402
 from cmpipe.pipeline.config import resolve_metric  # noqa: E402
 from cmpipe.sampling.sets import cm_sampler, generate, heun_sampler  # noqa: E402
-from cmpipe.training.loop import EpochSampler, ema_update, train  # noqa: E402
+from cmpipe.training.ema import Averages  # noqa: E402
+from cmpipe.training.loop import Checkpoint, EpochSampler, train  # noqa: E402
 
 ICT = dict(mode="ct", ct_num_scales="ict", mu_schedule="fixed", mu=0.0, weighting="ict",
            ct_index="lognormal", metric="pseudo_huber")
@@ -100,18 +101,21 @@ def run_teacher(budgets, images, p, sig, device, deadline) -> dict:
     snaps = {}
     steps_at = {-(-b // t.batch_size): b for b in budgets}
 
-    def loss_fn(step, g, emas):
+    cfg = train_config_from(t, "teacher", images=max(budgets), checkpoint_every=10**12, log_every=10**12)
+    averages = Averages(model, cfg.ema_decays)
+    ema = next(iter(averages.evaluation.values()))
+
+    def loss_fn(step, g, target):
         if step in steps_at:
-            snaps[steps_at[step]] = copy.deepcopy(emas["ema"]).eval()
+            snaps[steps_at[step]] = copy.deepcopy(ema).eval()
         if time.time() > deadline:
             raise Deadline(step)
         x = to_unit(images[sampler.indices(step)]).to(device)
         return edm_loss(model, x, t.P_mean, t.P_std, sig.sigma_data, generator=g)
 
-    cfg = train_config_from(t, "teacher", images=max(budgets), checkpoint_every=10**12, log_every=10**12)
     try:
-        emas = train(model, loss_fn, cfg, Path("/tmp/sweep-teacher.pt"), None, "sweep", device)
-        snaps[max(budgets)] = emas["ema"].eval()
+        train(model, loss_fn, cfg, averages, Checkpoint(Path("/tmp/sweep-teacher.pt"), "sweep"), device)
+        snaps[max(budgets)] = ema.eval()
     except Deadline as e:
         print(f"teacher stopped by the deadline at step {e}", flush=True)
     s = p.sample
@@ -140,29 +144,26 @@ def run_cm(name, budget, overrides, images, teacher_path, p, sig, device, deadli
         torch.manual_seed(d.seed)
         student = ConsistencyFunction(build_unet(cfg_unet), sig.sigma_data, sig.sigma_min).to(device)
 
-    def loss_fn(step, g, emas):
+    def loss_fn(step, g, target):
         if time.time() > deadline:
             raise Deadline(step)
-        if step > 0:
-            ema_update(emas["target"], student, sched.mu_at(step - 1))
         x = to_unit(images[sampler.indices(step)])
         z = torch.randn(x.shape, generator=g)
         if d.mode == "cd":
             n = torch.randint(sig.num_scales - 1, (len(x),), generator=g)
-            return cd_loss_online(student, emas["target"], teacher, x.to(device), n.to(device), z.to(device),
+            return cd_loss_online(student, target, teacher, x.to(device), n.to(device), z.to(device),
                                   sig, metric, d.weighting)
         sigmas = sig.grid(sched.N(step))
         n = sample_pair_indices(sigmas, len(x), g, d.ct_index, d.ict_P_mean, d.ict_P_std)
-        return ct_loss(student, emas["target"], x.to(device), z.to(device), n, sigmas, metric, d.weighting)
+        return ct_loss(student, target, x.to(device), z.to(device), n, sigmas, metric, d.weighting)
 
-    target = copy.deepcopy(student).requires_grad_(False)
+    averages = Averages(student, cfg.ema_decays, sched.mu_at)
     try:
-        emas = train(student, loss_fn, cfg, Path(f"/tmp/sweep-{name}.pt"), None, "sweep", device,
-                     emas={"target": target})
+        train(student, loss_fn, cfg, averages, Checkpoint(Path(f"/tmp/sweep-{name}.pt"), "sweep"), device)
     except Deadline as e:
         print(f"{name} stopped by the deadline at step {e} of {cfg.steps}", flush=True)
         return {}
-    return {f"{name}_{k}": v for k, v in cm_sets(emas["ema"], sig, p.sample, shape, device).items()}
+    return {f"{name}_{k}": v for k, v in cm_sets(next(iter(averages.evaluation.values())), sig, p.sample, shape, device).items()}
 
 
 def worker(name, images_gz, teacher_path, out_dir, deadline, scale=1.0):

@@ -16,7 +16,8 @@ from cmpipe.distributed import ddp as distributed
 from cmpipe.distributed.ddp import Dist
 from cmpipe.pipeline.launch import command
 from cmpipe.pipeline.params import ParamsError
-from cmpipe.training.loop import EpochSampler, TrainConfig, train
+from cmpipe.training.ema import Averages
+from cmpipe.training.loop import Checkpoint, EpochSampler, TrainConfig, train
 
 BATCH, STEPS = 8, 3
 
@@ -54,13 +55,15 @@ def _train(dist: Dist, resume):
     images, sampler = _images(), EpochSampler(20, BATCH, 1)
     part = dist.part(BATCH) if dist.enabled else None
 
-    def loss_fn(step, g, emas):
+    def loss_fn(step, g, target):
         return edm_loss(model, images[sampler.indices(step)], -1.2, 1.2, 0.5, generator=g, part=part)
 
     cfg = TrainConfig(images=BATCH * STEPS, batch_size=BATCH, lr=1e-3, warmup_images=0, grad_clip=1.0,
                       ema_decays={"ema": 0.9}, checkpoint_every=10**6, log_every=BATCH, seed=5)
-    emas = train(model, loss_fn, cfg, resume, None, "fp", torch.device("cpu"), dist=dist)
-    return {k: v.clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in emas["ema"].state_dict().items()}
+    averages = Averages(model, cfg.ema_decays)
+    train(model, loss_fn, cfg, averages, Checkpoint(resume, "fp", dist=dist), torch.device("cpu"), dist=dist)
+    ema = averages.evaluation["ema"]
+    return {k: v.clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in ema.state_dict().items()}
 
 
 def _worker(rank, world, init_file, out):
@@ -134,12 +137,13 @@ def test_accel_training_on_a_gpu_tracks_float32(tmp_path):
         model = EDMDenoiser(net.to(dev).train(), 0.5)
         images, sampler = _images().to(dev), EpochSampler(20, BATCH, 1)
 
-        def loss_fn(step, g, emas):
+        def loss_fn(step, g, target):
             return edm_loss(model, images[sampler.indices(step).to(dev)], -1.2, 1.2, 0.5, generator=g)
 
         cfg = TrainConfig(images=BATCH * STEPS, batch_size=BATCH, lr=1e-3, warmup_images=0, grad_clip=1.0,
                           ema_decays={"ema": 0.9}, checkpoint_every=10**6, log_every=BATCH, seed=5)
-        train(model, loss_fn, cfg, tmp_path / f"{accel.bf16}.pt", None, "fp", dev, accel=accel)
+        train(model, loss_fn, cfg, Averages(model, cfg.ema_decays), Checkpoint(tmp_path / f"{accel.bf16}.pt", "fp"),
+              dev, accel=accel)
         return {k: v.float().cpu() for k, v in model.state_dict().items()}
 
     plain = run(Accel())
@@ -159,12 +163,13 @@ def _nccl_worker(rank, world, init_file, out):
         images, sampler = _images().cuda(), EpochSampler(20, BATCH, 1)
         part = d.part(BATCH)
 
-        def loss_fn(step, g, emas):
+        def loss_fn(step, g, target):
             return edm_loss(model, images[sampler.indices(step).cuda()], -1.2, 1.2, 0.5, generator=g, part=part)
 
         cfg = TrainConfig(images=BATCH * STEPS, batch_size=BATCH, lr=1e-3, warmup_images=0, grad_clip=1.0,
                           ema_decays={"ema": 0.9}, checkpoint_every=10**6, log_every=BATCH, seed=5)
-        train(model, loss_fn, cfg, out.parent / f"r{rank}.pt", None, "fp", torch.device("cuda", rank), dist=d)
+        train(model, loss_fn, cfg, Averages(model, cfg.ema_decays), Checkpoint(out.parent / f"r{rank}.pt", "fp", dist=d),
+              torch.device("cuda", rank), dist=d)
         if rank == 0:
             torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out)
     finally:

@@ -12,8 +12,10 @@ from cmpipe.training.selection import best_ema, heldout_fids
 from cmpipe.errors import ParamsError
 from cmpipe.metrics import fid as evaluation
 from cmpipe.pipeline import params
-from cmpipe.pipeline.ema import CURVE, SELECTION, check_heldout_fid, evaluation_ema
-from cmpipe.training.loop import ema_names
+from cmpipe.distributed.ddp import SINGLE
+from cmpipe.pipeline.training_stage import TrainingStage
+from cmpipe.training.ema import ema_names
+from cmpipe.training.selection import CURVE, SELECTION, choose_ema
 
 
 def test_one_decay_keeps_the_name_ema_and_several_are_named_by_decay():
@@ -36,6 +38,13 @@ def test_params_ema_decays_is_a_list_and_the_old_key_names_the_new_one():
             params.validate_section("distill", section | {"ema_decays": bad})
 
 
+def check_heldout_fid(section, name, ref):
+    report = ref.parent / name
+    report.mkdir(exist_ok=True)
+    TrainingStage(name, section, ref.parent / "model.pt", report, ref.parent / "resume.pt", SINGLE, ref).check()
+    assert not report.exists()  # an earlier run's report goes once the checks pass
+
+
 def test_scoring_needs_the_reference_before_any_training(tmp_path):
     ref = tmp_path / "fid_ref.npz"
     with pytest.raises(ParamsError, match=r"distill.ema_decays lists 2 EMAs.*dvc repro fid_ref"):
@@ -49,7 +58,7 @@ def test_scoring_needs_the_reference_before_any_training(tmp_path):
 
 def test_one_unscored_decay_is_used_as_it_is(tmp_path):
     section = SimpleNamespace(ema_decays=[0.99], heldout_fid_every=None)
-    best, record = evaluation_ema(section, [{"images": 64, "loss": 1.0}], tmp_path)
+    best, record = choose_ema(ema_names(section.ema_decays), [{"images": 64, "loss": 1.0}], tmp_path)
     assert best == "ema" and record["fid"] == {} and record["chosen_decay"] == 0.99
     assert json.loads((tmp_path / SELECTION).read_text())["chosen"] == "ema"
     assert not (tmp_path / CURVE).exists()
@@ -61,7 +70,8 @@ def test_the_last_scores_choose_and_every_scored_row_is_on_the_curve(tmp_path):
     history = [{"images": 64, "loss": 1.0, "heldout_fid/ema_0.9": 200.0, "heldout_fid/ema_0.99": 250.0},
                {"images": 96, "loss": 0.9},
                {"images": 128, "loss": 0.8, "heldout_fid/ema_0.9": 190.0, "heldout_fid/ema_0.99": 180.5}]
-    best, record = evaluation_ema(section, history, tmp_path)
+    best, record = choose_ema(ema_names(section.ema_decays), history, tmp_path, section.heldout_fid_count,
+                              section.heldout_fid_seed)
     assert best == "ema_0.99" and record["chosen_decay"] == 0.99 and record["images"] == 128
     assert record["fid"] == {"ema_0.9": 190.0, "ema_0.99": 180.5}
     assert (tmp_path / CURVE).read_text().splitlines() == [

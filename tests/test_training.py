@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cmpipe.pipeline.config import train_config_from
-from cmpipe.training.loop import EpochSampler, TrainConfig, ema_names, ema_update, train
+from cmpipe.training.ema import Averages, ema_names, ema_update
+from cmpipe.training.loop import Checkpoint, EpochSampler, TrainConfig, train
 from cmpipe.util.fileio import atomic_save
 from cmpipe.util.seeding import seeded_generator
 
@@ -22,14 +23,21 @@ def make():
 
 def config(**kw):
     base = dict(images=80, batch_size=4, lr=0.01, warmup_images=8, grad_clip=1.0,
-                ema_decays={"ema": 0.9, "target": 0.5}, checkpoint_every=16, log_every=8, seed=3,
+                ema_decays={"ema": 0.9}, checkpoint_every=16, log_every=8, seed=3,
                 name="teacher")
     base.update(kw)
     return TrainConfig(**base)
 
 
+def run(model, loss_fn, cfg, path, target_rate=lambda k: 0.5, **kw):
+    """(averages, history) of a run; by default with a target θ⁻ of rate 0.5."""
+    averages = Averages(model, cfg.ema_decays, target_rate)
+    history = train(model, loss_fn, cfg, averages, Checkpoint(path, "fp", cfg.name), torch.device("cpu"), **kw)
+    return averages, history
+
+
 def loss_fn_for(model, sampler, stop_at=None):
-    def loss_fn(step, g, emas):
+    def loss_fn(step, g, target):
         if step == stop_at:
             raise KeyboardInterrupt  # a kill between two checkpoints
         x = DATA[sampler.indices(step)]
@@ -41,19 +49,18 @@ def loss_fn_for(model, sampler, stop_at=None):
 def test_resume_equals_uninterrupted_run(tmp_path):
     cfg = config()
     m1 = make()
-    e1 = train(m1, loss_fn_for(m1, EpochSampler(40, 4, 3)), cfg, tmp_path / "a.pt", None, "fp", torch.device("cpu"))
+    e1, _ = run(m1, loss_fn_for(m1, EpochSampler(40, 4, 3)), cfg, tmp_path / "a.pt")
 
     m2 = make()
     with pytest.raises(KeyboardInterrupt):
-        train(m2, loss_fn_for(m2, EpochSampler(40, 4, 3), stop_at=11), cfg, tmp_path / "b.pt", None, "fp",
-              torch.device("cpu"))
+        run(m2, loss_fn_for(m2, EpochSampler(40, 4, 3), stop_at=11), cfg, tmp_path / "b.pt")
     assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 8  # the last checkpoint
     m3 = make()  # a fresh process: new model, resumes from the checkpoint
-    e3 = train(m3, loss_fn_for(m3, EpochSampler(40, 4, 3)), cfg, tmp_path / "b.pt", None, "fp", torch.device("cpu"))
+    e3, _ = run(m3, loss_fn_for(m3, EpochSampler(40, 4, 3)), cfg, tmp_path / "b.pt")
     for a, b in zip(m1.parameters(), m3.parameters()):
         assert torch.equal(a, b)
     for name in ("ema", "target"):
-        for a, b in zip(e1[name].parameters(), e3[name].parameters()):
+        for a, b in zip(e1.modules()[name].parameters(), e3.modules()[name].parameters()):
             assert torch.equal(a, b)
 
 
@@ -63,19 +70,18 @@ def test_checkpoint_of_other_settings_or_truncated_is_not_resumed(tmp_path, capl
     m = make()
     path = tmp_path / "r.pt"
     atomic_save({"step": 2, "fingerprint": "other"}, path)
-    train(m, loss_fn_for(m, EpochSampler(40, 4, 3)), cfg, path, None, "fp", torch.device("cpu"))
+    run(m, loss_fn_for(m, EpochSampler(40, 4, 3)), cfg, path)
     assert "made with other settings" in caplog.text
     path.write_bytes(b"PK\x03\x04 truncated")
     m = make()
-    train(m, loss_fn_for(m, EpochSampler(40, 4, 3)), cfg, path, None, "fp", torch.device("cpu"))
+    run(m, loss_fn_for(m, EpochSampler(40, 4, 3)), cfg, path)
     assert "cannot read the resume checkpoint" in caplog.text
 
 
 def test_non_finite_loss_names_the_learning_rate(tmp_path):
     m = make()
     with pytest.raises(FloatingPointError, match=r"teacher\.lr"):
-        train(m, lambda step, g, emas: m(DATA[:4]).sum() * float("nan"), config(), tmp_path / "n.pt", None,
-              "fp", torch.device("cpu"))
+        run(m, lambda step, g, target: m(DATA[:4]).sum() * float("nan"), config(), tmp_path / "n.pt")
 
 
 def test_epoch_sampler_is_a_permutation_per_epoch_and_stateless():
@@ -130,23 +136,60 @@ def test_evaluation_scores_the_emas_on_schedule_and_changes_no_weight(tmp_path):
         return {"heldout_fid": {"ema": float(images)}}
 
     m0, m1 = make(), make()
-    plain = train(m0, loss_fn_for(m0, EpochSampler(40, 4, 3)), config(ema_decays={"ema": 0.9}), tmp_path / "p.pt",
-                  None, "fp", torch.device("cpu"))
-    history = []
-    scored = train(m1, loss_fn_for(m1, EpochSampler(40, 4, 3)), cfg, tmp_path / "a.pt", None, "fp",
-                   torch.device("cpu"), evaluate=evaluate, history_out=history)
+    plain, _ = run(m0, loss_fn_for(m0, EpochSampler(40, 4, 3)), config(), tmp_path / "p.pt")
+    scored, history = run(m1, loss_fn_for(m1, EpochSampler(40, 4, 3)), cfg, tmp_path / "a.pt", evaluate=evaluate)
     assert calls == [24, 48, 80]  # 72 is within half a period of the end: left to the last step
     assert [r["images"] for r in history if "heldout_fid/ema" in r] == [24, 48, 80]
     assert all(r["heldout_fid/ema"] == r["images"] for r in history if "heldout_fid/ema" in r)
-    for a, b in zip(plain["ema"].parameters(), scored["ema"].parameters()):
+    for a, b in zip(plain.evaluation["ema"].parameters(), scored.evaluation["ema"].parameters()):
         assert torch.equal(a, b)
 
     m2 = make()
     with pytest.raises(KeyboardInterrupt):
-        train(m2, loss_fn_for(m2, EpochSampler(40, 4, 3), stop_at=17), cfg, tmp_path / "b.pt", None, "fp",
-              torch.device("cpu"), evaluate=evaluate)
-    resumed = []
+        run(m2, loss_fn_for(m2, EpochSampler(40, 4, 3), stop_at=17), cfg, tmp_path / "b.pt", evaluate=evaluate)
     m3 = make()
-    train(m3, loss_fn_for(m3, EpochSampler(40, 4, 3)), cfg, tmp_path / "b.pt", None, "fp", torch.device("cpu"),
-          evaluate=evaluate, history_out=resumed)
+    _, resumed = run(m3, loss_fn_for(m3, EpochSampler(40, 4, 3)), cfg, tmp_path / "b.pt", evaluate=evaluate)
     assert [r["images"] for r in resumed if "heldout_fid/ema" in r] == [24, 48, 80]
+
+
+def test_the_target_moves_after_each_optimizer_step_with_its_rate():
+    """Step k's loss sees θ⁻ after step k-1: θ⁻ starts as θ, then θ⁻ <- μ(k) θ⁻ + (1 - μ(k)) θ right after
+    optimizer step k (Algorithms 2 and 3); the evaluation EMAs move with their fixed decay."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1, bias=False)
+    rates = [0.5, 0.25, 0.75]
+    thetas, targets = [], []  # θ and θ⁻ as step k's loss sees them
+
+    def loss_fn(step, g, target):
+        thetas.append(model.weight.detach().clone())
+        targets.append(target.weight.detach().clone())
+        return (model(torch.ones(1, 2)) - 3.0).pow(2).sum()
+
+    cfg = config(images=3, batch_size=1, warmup_images=0, grad_clip=None, log_every=1, checkpoint_every=100)
+    averages = Averages(model, cfg.ema_decays, lambda k: rates[k])
+    train(model, loss_fn, cfg, averages, Checkpoint(Path("/nonexistent/resume.pt"), "fp"), torch.device("cpu"))
+    thetas.append(model.weight.detach().clone())
+    targets.append(averages.target.weight.detach().clone())
+    assert torch.equal(targets[0], thetas[0])
+    for k, mu in enumerate(rates):
+        assert not torch.equal(thetas[k + 1], thetas[k])  # the optimizer moved θ
+        assert torch.allclose(targets[k + 1], mu * targets[k] + (1 - mu) * thetas[k + 1])
+    assert averages.target.training  # θ⁻ runs in training mode, as the student (dropout masks)
+    assert torch.allclose(averages.evaluation["ema"].weight,
+                          0.9 ** 3 * thetas[0] + 0.1 * sum(0.9 ** (2 - k) * thetas[k + 1] for k in range(3)))
+
+
+def test_the_curves_are_indexed_by_the_optimizer_step_and_survive_a_resume(tmp_path):
+    import csv
+    import json
+
+    cfg = config(log_every=8)  # 20 steps of 4 images: a row every 2 steps
+    m = make()
+    with pytest.raises(KeyboardInterrupt):
+        run(m, loss_fn_for(m, EpochSampler(40, 4, 3), stop_at=11), cfg, tmp_path / "r.pt", live_dir=tmp_path / "live")
+    m = make()
+    run(m, loss_fn_for(m, EpochSampler(40, 4, 3)), cfg, tmp_path / "r.pt", live_dir=tmp_path / "live")
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["step"] == cfg.steps == 20
+    with open(tmp_path / "live" / "plots" / "metrics" / "loss.tsv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f, delimiter="\t")]
+    assert steps == list(range(2, 21, 2))  # the replayed rows (2..8) then the resumed ones (10..20)

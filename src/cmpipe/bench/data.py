@@ -14,7 +14,7 @@ from cmpipe.cm.losses import edm_loss
 from cmpipe.cm.precond import EDMDenoiser
 from cmpipe.distributed.device import pick_device
 from cmpipe.models.networks import count_parameters
-from cmpipe.training.loop import ema_update
+from cmpipe.training.ema import ema_update
 
 LOADER_TARGET = 10.0  # the loader must deliver >= 10x what the training step consumes
 MANIFEST = Path("data/shards/manifest.json")

@@ -17,7 +17,7 @@ from cmpipe.distributed.device import pick_device
 from cmpipe.models.networks import count_parameters
 from cmpipe.pipeline import params as params_mod
 from cmpipe.pipeline.config import resolve_metric
-from cmpipe.training.loop import ema_update
+from cmpipe.training.ema import ema_update
 
 # The online step costs the teacher's 2 evaluations more than the cached one, whose student and
 # target forwards and backward (about 2 forwards) make about 4: 6 / 4 = 1.5.

@@ -2,26 +2,28 @@
 
 A teacher file (data/teacher/model.pt, networks.save_model format) is one of two kinds:
 
-* "edm_teacher": a UNet2DModel trained by this pipeline, wrapped as networks.EDMDenoiser.
+* "edm_teacher": a UNet2DModel trained by this pipeline, wrapped as cm.precond.EDMDenoiser.
 * "ddpm_teacher": an ε-prediction UNet2DModel adopted from a diffusers directory
-  (`adopt_diffusers_teacher`), wrapped as diffusers_io.DiffusersEpsTeacher; its meta holds
+  (`adopt_diffusers_teacher`), wrapped as cm.precond.DiffusersEpsTeacher; its meta holds
   the scheduler's ᾱ_t, which define its noise levels σ_t = sqrt((1 - ᾱ_t)/ᾱ_t).
 
 Either way `load_teacher` gives a frozen module with the call D(x, sigma, class_labels=None).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 from torch import nn
 
 from cmpipe.cm.precond import DiffusersEpsTeacher, EDMDenoiser
-from cmpipe.export.diffusers import load_diffusers_teacher
+from cmpipe.models.diffusers_dir import is_diffusers_dir, load_diffusers_teacher
 from cmpipe.models.networks import CheckpointError, build_unet, load_network, save_model
-from cmpipe.pipeline.params import ParamsError
+from cmpipe.errors import ParamsError
 
 TEACHER_KINDS = ("edm_teacher", "ddpm_teacher")
+log = logging.getLogger(__name__)
 
 
 def _json_like(value, where: str):
@@ -104,4 +106,28 @@ def load_teacher(path, sigma_data: float, device=None) -> nn.Module:
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
     teacher.eval().requires_grad_(False)
+    return teacher.to(device) if device is not None else teacher
+
+
+def adopt_teacher(checkpoint, out_path, shape, sigma_data: float, device=None) -> nn.Module:
+    """Adopt `checkpoint` (params teacher.checkpoint) as the teacher at `out_path`, training nothing,
+    and return its denoiser: a diffusers ε-prediction directory is saved as a "ddpm_teacher" file;
+    a teacher file of this pipeline is copied with `adopted_from` in its meta, once its image size
+    is checked against the shards' `shape` (C, H, W)."""
+    out_path = Path(out_path)
+    if is_diffusers_dir(checkpoint):
+        adopt_diffusers_teacher(checkpoint, out_path, shape)
+        teacher = load_teacher(out_path, sigma_data, device)
+        log.info("adopted the diffusers ε-teacher %s (%d DDPM levels, sigma %.4g..%.4g) as %s; no training",
+                 checkpoint, teacher.num_train_timesteps, teacher.sigma_min, teacher.sigma_max, out_path)
+        return teacher
+    net, ckpt = load_network(checkpoint, ("edm_teacher",))
+    c, h = int(shape[0]), int(shape[1])
+    if [ckpt["unet"]["in_channels"], ckpt["unet"]["sample_size"]] != [c, h]:
+        raise ParamsError(f"teacher.checkpoint {checkpoint} is for {ckpt['unet']['in_channels']}x"
+                          f"{ckpt['unet']['sample_size']}^2 images, the shards hold {c}x{h}x{shape[2]}")
+    log.info("adopting the teacher %s; no training", checkpoint)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(out_path, "edm_teacher", ckpt["unet"], ckpt["weights"], dict(ckpt["meta"], adopted_from=checkpoint))
+    teacher = EDMDenoiser(net, sigma_data).eval()
     return teacher.to(device) if device is not None else teacher

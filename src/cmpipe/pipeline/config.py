@@ -5,7 +5,8 @@ from __future__ import annotations
 from cmpipe.cm.karras import Sigmas
 from cmpipe.cm.losses import Distance, pixel_distance
 from cmpipe.cm.schedules import CTSchedule
-from cmpipe.training.loop import TrainConfig, ema_names
+from cmpipe.training.ema import ema_names
+from cmpipe.training.loop import TrainConfig
 
 
 def sigmas_from(diffusion) -> Sigmas:

@@ -1,6 +1,8 @@
-"""The modes of the distill stage, bound to the pipeline's artifacts and params: CD from the trajectory
-cache (Song et al. 2023, Algorithm 2), CT from the training images (Algorithm 3), and ECT (Geng et
-al. 2025) from the teacher's weights and the training images."""
+"""What each training stage trains and on what, bound to the pipeline's artifacts and params: the
+teacher (EDM, Karras et al. 2022) and the modes of the distill stage, CD from the trajectory cache
+(Song et al. 2023, Algorithm 2), CT from the training images (Algorithm 3) and ECT (Geng et al.
+2025) from the teacher's weights and the training images. The training stage skeleton
+(pipeline.training_stage) runs any of them."""
 from __future__ import annotations
 
 import json
@@ -12,8 +14,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from cmpipe.cm.karras import Sigmas
-from cmpipe.cm.losses import cd_loss, cd_loss_online, ct_loss, ect_loss
-from cmpipe.cm.precond import ConsistencyFunction, ECTConsistencyFunction, student_from_teacher
+from cmpipe.cm.losses import cd_loss, cd_loss_online, ct_loss, ect_loss, edm_loss
+from cmpipe.cm.precond import ConsistencyFunction, ECTConsistencyFunction, EDMDenoiser, student_from_teacher
 from cmpipe.cm.schedules import CTSchedule, ect_r, ect_sample_t, sample_pair_indices
 from cmpipe.data import ShardError, load_image_split, read_manifest
 from cmpipe.distributed.accel import resident
@@ -25,6 +27,7 @@ from cmpipe.models.networks import (
     num_classes_of,
     unet_config,
 )
+from cmpipe.pipeline.config import ct_schedule_from, resolve_metric
 from cmpipe.pipeline.layout import MANIFEST, TEACHER, TRAJECTORIES
 from cmpipe.pipeline.params import ParamsError
 from cmpipe.models.teachers import load_teacher, load_teacher_file
@@ -35,12 +38,80 @@ from cmpipe.util.hashing import sha256_file
 log = logging.getLogger(__name__)
 
 
-class ConsistencySetup(NamedTuple):
-    """What the training loop of a consistency model needs from its mode (cd, ct or ect)."""
-    student: ConsistencyFunction
-    unet: dict  # the student's UNet2DModel config, saved beside its weights
-    loss_at: Callable  # (step, generator, target) -> the loss of the step's batch
+class TrainingSetup(NamedTuple):
+    """What the training loop needs from a stage's mode: the model, its loss, its inputs."""
+    model: torch.nn.Module  # EDMDenoiser (teacher) or ConsistencyFunction (student)
+    unet: dict  # its UNet2DModel config, saved beside its weights
+    loss_at: Callable  # (step, generator, target θ⁻ or None) -> the loss of the step's batch
     inputs: list  # hashes of the data the loss reads: part of the resume fingerprint
+    target_rate: Callable[[int], float] | None = None  # step -> μ of θ⁻ (CD, CT); None: no target
+
+
+def train_shard_hashes(manifest: dict) -> list[str]:
+    return [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]]
+
+
+def teacher_setup(t, model_params, sig: Sigmas, device, part: slice | None = None,
+                  manifest_path: Path = MANIFEST) -> TrainingSetup:
+    """The EDM teacher from random weights (the architecture of params `model`, seeded by
+    teacher.seed) on the training images, with the EDM loss (P_mean, P_std of `teacher`).
+    Under torchrun, `part` is this rank's rows of the global batch."""
+    manifest = read_manifest(manifest_path)
+    c, h, _ = manifest["shape"]
+    num_classes = model_num_classes(model_params.class_conditional, manifest["class_names"])
+    unet = unet_config(model_params.block_out_channels, model_params.layers_per_block,
+                       model_params.attention_levels, model_params.dropout, h, c, num_classes)
+    torch.manual_seed(t.seed)  # the initial weights
+    net = build_unet(unet).to(device)
+    log.info("UNet2DModel with %.2fM parameters on %s%s", count_parameters(net) / 1e6, device,
+             f", conditioned on {num_classes} classes" if num_classes else "")
+    images, labels = load_image_split(manifest_path, role="train")
+    images, labels = resident(images, device), resident(labels, device)
+    sampler = EpochSampler(len(images), t.batch_size, t.seed)
+    model = EDMDenoiser(net, sig.sigma_data)
+
+    def loss_at(step, g, target):  # no target: the teacher regresses the data
+        i = sampler.indices(step)  # the global batch; under torchrun this rank keeps `part`
+        x = to_unit(images[i.to(images.device)]).to(device, non_blocking=True)
+        y = labels[(i if part is None else i[part]).to(labels.device)].to(device) if num_classes else None
+        return edm_loss(model.with_labels(y), x, t.P_mean, t.P_std, sig.sigma_data, generator=g, part=part)
+
+    return TrainingSetup(model, unet, loss_at, train_shard_hashes(manifest))
+
+
+def check_distill(d):
+    """Combinations of `distill` keys that cannot mean anything, refused before any work."""
+    if d.mode == "cd" and d.mu_schedule in ("ct", "ct_paper"):
+        raise ParamsError(f"distill.mu_schedule = {d.mu_schedule} follows the N(k) of consistency training; "
+                          "with distill.mode = cd use mu_schedule: fixed (rate distill.mu)")
+    try:
+        ct_schedule_from(d, 1)
+    except ValueError as e:
+        raise ParamsError(f"params.yaml: {e}") from None
+
+
+def distill_distance(d) -> tuple[str, str]:
+    """(distance, weighting) of the distill loss, as the model file and the reports name them."""
+    if d.mode == "ect":
+        return f"pseudo_huber(c={d.ect_huber_c:g})", "1/(t-r)"
+    return d.metric, d.weighting
+
+
+def distill_setup(d, sig: Sigmas, model_params, steps: int, device, part: slice | None = None) -> TrainingSetup:
+    """The student of `distill.mode` over `steps` optimizer steps. CD and CT move their target θ⁻
+    with μ(k) (`distill.mu`, or the N(k)-driven schedule of CT); ECT's student is its own target."""
+    if d.mode == "ect":
+        log.info("ect with distance %s, weighting %s, the student as its own target", *distill_distance(d))
+        return ect_setup(d, sig, model_params.class_conditional, steps, device, part)
+    metric = resolve_metric(d.metric, d.lpips_net, d.lpips_resize, device, d.huber_c)
+    sched = ct_schedule_from(d, steps)
+    if d.mode == "cd":
+        setup = cd_setup(d, sig, model_params.class_conditional, device, metric, part)
+    else:
+        setup = ct_setup(d, sig, model_params, sched, device, metric, part)
+    log.info("%s with metric %s, weighting %s, target mu %s", d.mode, d.metric, d.weighting,
+             d.mu if d.mu_schedule == "fixed" else "mu(k)")
+    return setup._replace(target_rate=sched.mu_at)
 
 
 def student_of_teacher(sig: Sigmas, class_conditional: bool, device, dropout: float, seed: int,
@@ -63,7 +134,7 @@ def student_of_teacher(sig: Sigmas, class_conditional: bool, device, dropout: fl
 
 def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slice | None = None,
              cache_dir: Path = TRAJECTORIES, teacher_path: Path = TEACHER,
-             manifest_path: Path = MANIFEST) -> ConsistencySetup:
+             manifest_path: Path = MANIFEST) -> TrainingSetup:
     """CD: the student starts from the teacher's EMA and each step reads a batch of Heun pairs
     (params `distill`: batch_size, seed, dropout, weighting), from the trajectory cache
     (distill.pairs = cache) or made by the teacher inside the step (online).
@@ -102,7 +173,7 @@ def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slic
                        sig, metric, d.weighting)
 
     inputs = [[s["sha256"] for s in cache["shards"]], cache["teacher_sha256"]]
-    return ConsistencySetup(student, unet, loss_at, inputs)
+    return TrainingSetup(student, unet, loss_at, inputs)
 
 
 def train_images_for_teacher(teacher_classes: int | None, manifest_path: Path, teacher_path: Path):
@@ -113,11 +184,11 @@ def train_images_for_teacher(teacher_classes: int | None, manifest_path: Path, t
         raise ShardError(f"the teacher {teacher_path} has {teacher_classes} classes but the shards have "
                          f"{len(manifest['class_names'])}; run `dvc repro teacher`")
     images, labels = load_image_split(manifest_path, role="train")
-    return images, labels, [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]]
+    return images, labels, train_shard_hashes(manifest)
 
 
 def cd_online_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slice | None,
-                    manifest_path: Path, teacher_path: Path) -> ConsistencySetup:
+                    manifest_path: Path, teacher_path: Path) -> TrainingSetup:
     """CD as Algorithm 2 draws it: every step a fresh (x, n, z) and the teacher's Heun step from
     sigma_n to sigma_{n+1} (`cd_loss_online`), no pair read twice. Costs the teacher's two
     evaluations per image in the step, the price the cache pays once per pair."""
@@ -140,7 +211,7 @@ def cd_online_setup(d, sig: Sigmas, class_conditional: bool, device, metric, par
         return cd_loss_online(student.with_labels(y), target.with_labels(y), teacher.with_labels(y),
                               x.to(device), n.to(device), z.to(device), sig, metric, d.weighting)
 
-    return ConsistencySetup(student, unet, loss_at, [shard_hashes, sha256_file(teacher_path)])
+    return TrainingSetup(student, unet, loss_at, [shard_hashes, sha256_file(teacher_path)])
 
 
 def with_dropout(net: torch.nn.Module, unet: dict, p: float) -> tuple[torch.nn.Module, dict]:
@@ -156,7 +227,7 @@ def with_dropout(net: torch.nn.Module, unet: dict, p: float) -> tuple[torch.nn.M
 
 
 def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric, part: slice | None = None,
-             manifest_path: Path = MANIFEST) -> ConsistencySetup:
+             manifest_path: Path = MANIFEST) -> TrainingSetup:
     """CT from the training images alone: the student starts from random weights (the architecture
     of params `model`, the dropout of distill.dropout, seeded by distill.seed) and step k uses the
     N(k)-point grid of `sched`.
@@ -189,12 +260,11 @@ def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric, pa
         return ct_loss(student.with_labels(y), target.with_labels(y), x.to(device), z.to(device), n, sigmas,
                        metric, d.weighting)
 
-    inputs = [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]]
-    return ConsistencySetup(student, cfg_unet, loss_at, inputs)
+    return TrainingSetup(student, cfg_unet, loss_at, train_shard_hashes(manifest))
 
 
 def ect_setup(d, sig: Sigmas, class_conditional: bool, steps: int, device, part: slice | None = None,
-              manifest_path: Path = MANIFEST, teacher_path: Path = TEACHER) -> ConsistencySetup:
+              manifest_path: Path = MANIFEST, teacher_path: Path = TEACHER) -> TrainingSetup:
     """ECT (Geng et al. 2025): the student starts from the teacher's EMA as in CD (dropout
     `distill.dropout`) and learns from the training images as CT, with
     no ODE solver and no target EMA: ln t ~ N(ect_P_mean, ect_P_std^2), r = ect_r(t, stage) with
@@ -229,4 +299,4 @@ def ect_setup(d, sig: Sigmas, class_conditional: bool, steps: int, device, part:
         return ect_loss(student.with_labels(y), x.to(device), z.to(device), t.to(device), r.to(device),
                         d.ect_huber_c)
 
-    return ConsistencySetup(student, unet, loss_at, [shard_hashes, sha256_file(teacher_path)])
+    return TrainingSetup(student, unet, loss_at, [shard_hashes, sha256_file(teacher_path)])

@@ -5,12 +5,14 @@
   data order from per-epoch permutations seeded with (seed, epoch): a run resumed
   from a checkpoint takes exactly the steps an uninterrupted run would have.
 * Resumable checkpoints are written atomically (temporary file, then rename)
-  every `checkpoint_every` images, with the optimizer, the EMAs and the logged
-  history, so a killed run continues where its last checkpoint left off.
+  every `checkpoint_every` images, with the optimizer, the averages (training.ema) and
+  the logged history, so a killed run continues where its last checkpoint left off.
+
+The parts: `TrainConfig` (budget, learning rate, when to log, evaluate and checkpoint),
+`make_optimizer`, `Checkpoint` (resume), `Curves` (dvclive by optimizer step) and `train`.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -33,6 +35,7 @@ from cmpipe.distributed.ddp import (
     unwrap_ddp,
     wrap_ddp,
 )
+from cmpipe.training.ema import Averages
 from cmpipe.util.fileio import atomic_save
 from cmpipe.util.seeding import seeded_generator
 
@@ -64,30 +67,6 @@ class EpochSampler:
         return torch.tensor(out)
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float):
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach(), 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
-
-
-def ema_name(decay: float) -> str:
-    """The weights' name of the EMA with `decay` in a saved model, e.g. 'ema_0.999'."""
-    return f"ema_{decay:g}"
-
-
-def ema_names(decays: list[float]) -> dict[str, float]:
-    """{name: decay} of the training loop's EMAs; one decay keeps the plain name 'ema'."""
-    if len(decays) == 1:
-        return {"ema": float(decays[0])}
-    names = {ema_name(d): float(d) for d in decays}
-    if len(names) != len(decays):
-        raise ValueError(f"ema_decays = {decays} lists a decay twice (names are 'ema_<decay>' with 6 "
-                         f"significant digits)")
-    return names
-
-
 @dataclass
 class TrainConfig:
     images: int
@@ -113,77 +92,135 @@ class TrainConfig:
             return self.lr * (seen + self.batch_size) / self.warmup_images
         return self.lr
 
+    def _every(self, images: int | None) -> int | None:
+        return max(1, images // self.batch_size) if images else None
+
+    def log_now(self, done: int) -> bool:
+        """Whether the row of step `done` (1-based) is logged: every log_every images and at the end."""
+        return done % self._every(self.log_every) == 0 or done == self.steps
+
+    def eval_now(self, done: int) -> bool:
+        """Every eval_every images and after the last step; a periodic evaluation within half a
+        period of the end is left to the last one."""
+        every = self._every(self.eval_every)
+        periodic = bool(every and done % every == 0 and self.steps - done >= every / 2)
+        return done == self.steps or periodic
+
+    def checkpoint_now(self, done: int) -> bool:
+        return done % self._every(self.checkpoint_every) == 0 and done < self.steps
+
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"{cfg.name}.optimizer = {cfg.optimizer!r}: use adam or radam")
+    return OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr)
+
 
 def _state_of(module: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in plain_state_dict(module).items()}
 
 
-LossFn = Callable[[int, torch.Generator, dict], torch.Tensor]
+class Checkpoint:
+    """The resumable state of a run at `path`: model, optimizer, averages and the logged history
+    after a step. One made with another `fingerprint` (settings, inputs) or format is ignored and
+    removed; one cut short by a kill is ignored with a warning."""
+
+    FORMAT = 2  # 2: the target θ⁻ is saved after its update of the same step (training.ema)
+
+    def __init__(self, path: Path, fingerprint: str, name: str = "train", dist: Dist = SINGLE):
+        self.path, self.fingerprint, self.name, self.dist = Path(path), fingerprint, name, dist
+
+    def restore(self, model: nn.Module, opt, averages: Averages) -> tuple[int, list[dict]]:
+        """(first step, history so far): (0, []) unless a matching checkpoint was loaded."""
+        if not self.path.exists():
+            return 0, []
+        ckpt = self._read()
+        if ckpt is not None and ckpt.get("fingerprint") == self.fingerprint and ckpt.get("format") == self.FORMAT:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+            averages.load_state_dict(ckpt["emas"])
+            log.info("%s: resuming from %s at step %d", self.name, self.path, int(ckpt["step"]))
+            return int(ckpt["step"]), list(json.loads(ckpt["history"]))
+        log.info("%s: ignoring %s (made with other settings, inputs or code)", self.name, self.path)
+        barrier(self.dist)  # every rank has read it before rank 0 removes it
+        if self.dist.is_main:
+            self.path.unlink(missing_ok=True)
+        return 0, []
+
+    def save(self, step: int, model: nn.Module, opt, averages: Averages, history: list[dict]):
+        if self.dist.is_main:
+            atomic_save({"step": step, "fingerprint": self.fingerprint, "format": self.FORMAT,
+                         "model": _state_of(model), "opt": opt.state_dict(), "emas": averages.state_dict(_state_of),
+                         "history": json.dumps(history)}, self.path)
+
+    def remove(self):
+        if self.dist.is_main:
+            self.path.unlink(missing_ok=True)
+
+    def _read(self):
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a checkpoint cut short by a kill: start over, say so
+            log.warning("cannot read the resume checkpoint %s (%s); starting from scratch", self.path, e)
+            return None
+
+
+class Curves:
+    """The dvclive curves of a run in `live_dir` (rank 0), indexed by the optimizer step, so that
+    the plots' x axis is the step and metrics.json's "step" the last one."""
+
+    def __init__(self, live_dir: Path | None, dist: Dist = SINGLE):
+        self.live = None
+        if live_dir is not None and dist.is_main:
+            from dvclive import Live
+
+            self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+
+    def log(self, row: dict):
+        if self.live is None:
+            return
+        self.live.step = row["step"]
+        for k, v in row.items():
+            if k != "step":
+                self.live.log_metric(k, v)
+        self.live.sync()
+
+    def end(self):
+        if self.live is not None:
+            self.live.end()
+
+
+LossFn = Callable[[int, torch.Generator, nn.Module | None], torch.Tensor]  # (step, generator, θ⁻) -> loss
 # (images seen, {name: EMA}) -> {score: {name: value}}, e.g. {"heldout_fid": {"ema_0.99": 151.2}}.
 EvalFn = Callable[[int, dict], dict]
 
 
-def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path,
-          live_dir: Path | None, fingerprint: str, device: torch.device,
-          emas: dict | None = None, dist: Dist = SINGLE, accel: Accel = PLAIN,
-          evaluate: EvalFn | None = None, history_out: list | None = None) -> dict:
-    """Run `cfg.steps` optimizer steps of `loss_fn(step, generator, emas)`.
+def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, averages: Averages, checkpoint: Checkpoint,
+          device: torch.device, live_dir: Path | None = None, dist: Dist = SINGLE, accel: Accel = PLAIN,
+          evaluate: EvalFn | None = None) -> list[dict]:
+    """Run `cfg.steps` optimizer steps of `loss_fn(step, generator, averages.target)`, moving
+    `averages` after each; return the logged rows (resumed ones included).
 
-    `emas` maps a name to an EMA copy of `model` (created from `model` when
-    missing) updated after every step with `cfg.ema_decays[name]`. Returns the
-    EMAs. A checkpoint at `resume_path` with the same `fingerprint` is resumed.
-    Under torchrun (`dist`), `model.net` is wrapped in DDP for the loop: each
-    rank's `loss_fn` takes its part of the global batch (`Dist.part`), DDP
-    averages the gradients, and rank 0 alone writes checkpoints and logs.
-    `accel` (CUDA only) adds bf16 autocast, channels-last and torch.compile.
-    `evaluate` (rank 0 only) scores the evaluation EMAs (those of `cfg.ema_decays`) every
-    `cfg.eval_every` images and after the last step; its scores join that step's logged row as
-    "<score>/<name>" (dvclive curves), under the global RNG state of the step, which it cannot
-    change. `history_out`, if given, receives every logged row (resumed ones included).
+    `checkpoint` is resumed when it matches and saved every `cfg.checkpoint_every` images. Under
+    torchrun (`dist`), `model.net` is wrapped in DDP for the loop: each rank's `loss_fn` takes its
+    part of the global batch (`Dist.part`), DDP averages the gradients, and rank 0 alone writes
+    checkpoints and curves. `accel` (CUDA only) adds bf16 autocast, channels-last and
+    torch.compile. `evaluate` (rank 0) scores the evaluation EMAs on `cfg.eval_now` steps; its
+    scores join that step's row as "<score>/<name>", under the global RNG state of the step,
+    which it cannot change.
     """
-    emas = dict(emas or {})
-    for name in cfg.ema_decays:
-        if name not in emas:
-            emas[name] = copy.deepcopy(model).requires_grad_(False)
-    optimizers = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
-    if cfg.optimizer not in optimizers:
-        raise ValueError(f"{cfg.name}.optimizer = {cfg.optimizer!r}: use adam or radam")
-    opt = optimizers[cfg.optimizer](model.parameters(), lr=cfg.lr)
-    start, history = 0, []
-
-    resume_path = Path(resume_path)
-    if resume_path.exists():
-        ckpt = _load_resume(resume_path)
-        if ckpt is not None and ckpt.get("fingerprint") == fingerprint:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["opt"])
-            for name, sd in ckpt["emas"].items():
-                emas[name].load_state_dict(sd)
-            start, history = int(ckpt["step"]), list(json.loads(ckpt["history"]))
-            log.info("%s: resuming from %s at step %d/%d", cfg.name, resume_path, start, cfg.steps)
-        else:
-            log.info("%s: ignoring %s (made with other settings or inputs)", cfg.name, resume_path)
-            barrier(dist)  # every rank has read it before rank 0 removes it
-            if dist.is_main:
-                resume_path.unlink(missing_ok=True)
+    opt = make_optimizer(model, cfg)
+    start, history = checkpoint.restore(model, opt, averages)
     accel.to_layout(model)
     wrap_ddp(model, dist)
     accel.compile_net(model)
+    curves = Curves(live_dir, dist)
+    for row in history:  # replay what was logged before an interruption
+        curves.log(row)
 
-    live = None
-    if live_dir is not None and dist.is_main:
-        from dvclive import Live
-
-        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
-        for row in history:  # replay what was logged before an interruption
-            for k, v in row.items():
-                if k != "step":
-                    live.log_metric(k, v)
-            live.next_step()
-
-    steps_per_ckpt = max(1, cfg.checkpoint_every // cfg.batch_size)
-    steps_per_log = max(1, cfg.log_every // cfg.batch_size)
-    steps_per_eval = max(1, cfg.eval_every // cfg.batch_size) if cfg.eval_every else None
     loss_sum, loss_n, t_last, step_last = torch.zeros((), device=device), 0, time.perf_counter(), start
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.name,
@@ -192,27 +229,21 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path
         lr = cfg.lr_at(step)
         for group in opt.param_groups:
             group["lr"] = lr
-        g = seeded_generator(cfg.seed, step)
         with accel.autocast():
-            loss = loss_fn(step, g, emas)
+            loss = loss_fn(step, seeded_generator(cfg.seed, step), averages.target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        for name, decay in cfg.ema_decays.items():
-            ema_update(emas[name], model, decay)
+        averages.update(model, step)
         loss_sum += loss.detach()
         loss_n += 1
 
         done = step + 1
-        # The same on every rank: a logged row is an all-reduce.
-        # A periodic evaluation within half a period of the last step is left to the last one.
-        periodic = bool(steps_per_eval and done % steps_per_eval == 0 and cfg.steps - done >= steps_per_eval / 2)
-        eval_now = evaluate is not None and (done == cfg.steps or periodic)
-        if done % steps_per_log == 0 or done == cfg.steps or eval_now:
-            # The only host synchronisation of the loop: at logging intervals.
-            mean_loss = all_reduce_mean(dist, loss_sum / loss_n).item()
+        eval_now = evaluate is not None and cfg.eval_now(done)
+        if cfg.log_now(done) or eval_now:  # the same on every rank: a logged row is an all-reduce
+            mean_loss = all_reduce_mean(dist, loss_sum / loss_n).item()  # the loop's only host sync
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(
                     f"{cfg.name}: the loss became {mean_loss} before step {done}; lower the "
@@ -222,38 +253,21 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, resume_path: Path
                    "images_per_sec": (done - step_last) * cfg.batch_size / max(now - t_last, 1e-9)}
             if eval_now and dist.is_main:
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    scores = evaluate(done * cfg.batch_size, {n: emas[n] for n in cfg.ema_decays})
+                    scores = evaluate(done * cfg.batch_size, averages.evaluation)
                 row.update({f"{k}/{n}": float(v) for k, group in scores.items() for n, v in group.items()})
                 now = time.perf_counter()  # the throughput of the next row leaves the evaluation out
             history.append(row)
-            if live is not None:
-                for k, v in row.items():
-                    if k != "step":
-                        live.log_metric(k, v)
-                live.next_step()
+            curves.log(row)
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_sec']:.0f}")
             loss_sum.zero_()
             loss_n, t_last, step_last = 0, now, done
-        if done % steps_per_ckpt == 0 and done < cfg.steps and dist.is_main:
-            atomic_save({"step": done, "fingerprint": fingerprint, "model": _state_of(model),
-                         "opt": opt.state_dict(), "emas": {k: _state_of(m) for k, m in emas.items()},
-                         "history": json.dumps(history)}, resume_path)
+        if cfg.checkpoint_now(done):
+            checkpoint.save(done, model, opt, averages, history)
     bar.close()
     if hasattr(model, "net"):
         model.net = uncompiled(model.net)
     unwrap_ddp(model)
-    if live is not None:
-        live.end()
-    if history_out is not None:
-        history_out.extend(history)
-    return emas
-
-
-def _load_resume(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a checkpoint cut short by a kill: start over, say so
-        log.warning("cannot read the resume checkpoint %s (%s); starting from scratch", path, e)
-        return None
+    curves.end()
+    return history
 
 
