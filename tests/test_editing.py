@@ -133,3 +133,64 @@ def test_baselines_and_psnr_by_hand():
     assert torch.allclose(filled[..., :2, :], torch.full((1, 1, 2, 4), y2[..., 2:, :].mean().item()))
     flat = torch.full((1, 1, 8, 8), 0.25)
     assert torch.allclose(bicubic_upsample_means(flat, 4), flat)
+
+
+def test_edit_params_are_checked_before_any_model():
+    from types import SimpleNamespace
+
+    from cmpipe.editing.runner import check_edit_params
+    from cmpipe.errors import ParamsError
+
+    e = SimpleNamespace(ts=[6, 12], stroke_ts=[8, 14], sr_factor=4, inpaint_mask="centre", stroke_image=None)
+    check_edit_params(e, SIG, 16, 16)
+    for change, message in [({"ts": [12, 6]}, r"edit\.ts = \[12, 6\] must increase strictly"),
+                            ({"stroke_ts": [3, 18]}, r"edit\.stroke_ts.*at most 17"),
+                            ({"sr_factor": 3}, r"edit\.sr_factor = 3 must divide the image size 16x16"),
+                            ({"inpaint_mask": "nope.png"}, r"edit\.inpaint_mask = 'nope\.png': use centre, random"),
+                            ({"stroke_image": "nope.png"}, r"edit\.stroke_image = 'nope\.png': no such file")]:
+        with pytest.raises(ParamsError, match=message):
+            check_edit_params(SimpleNamespace(**{**vars(e), **change}), SIG, 16, 16)
+
+
+def test_inpainting_masks_of_each_kind(tmp_path):
+    from PIL import Image
+
+    from cmpipe.editing.tasks import inpainting_masks
+
+    assert torch.equal(inpainting_masks("centre", 3, 8, 8, 0, 0.5)[2], centre_box_mask(8, 8, 0.5)[0])
+    r = inpainting_masks("random", 3, 8, 8, 5, 0.5)
+    assert r.shape == (3, 1, 8, 8) and torch.equal(r, inpainting_masks("random", 3, 8, 8, 5, 0.5))
+    assert (r.flatten(1).sum(1) == 16).all()
+    Image.fromarray((torch.eye(8) * 255).byte().numpy()).save(tmp_path / "m.png")
+    assert torch.equal(inpainting_masks(str(tmp_path / "m.png"), 2, 8, 8, 0, 0.5)[1, 0], torch.eye(8))
+
+
+def test_edit_noise_does_not_depend_on_the_batch():
+    from cmpipe.editing.runner import edit_with_seed
+
+    f, y = small_model(1), images(4, 1)
+    con = inpainting(centre_box_mask(16, 16).expand(4, 1, 16, 16))
+    whole = edit_with_seed(f, y, con, SIG, [6, 12], 3, 1)
+    con2 = inpainting(centre_box_mask(16, 16).expand(2, 1, 16, 16))
+    assert torch.allclose(whole[:2], edit_with_seed(f, y[:2], con2, SIG, [6, 12], 3, 1), atol=1e-6)
+    assert not torch.allclose(whole, edit_with_seed(f, y, con, SIG, [6, 12], 3, 2))  # another task's stream
+
+
+def test_run_edits_scores_every_task_and_writes_its_grid(tmp_path):
+    from types import SimpleNamespace
+
+    from cmpipe.editing.runner import run_edits
+
+    e = SimpleNamespace(ts=[6, 12], stroke_ts=[8, 14], sr_factor=4, inpaint_mask="random", inpaint_fraction=0.5,
+                        stroke_image=None, stroke_factor=4, stroke_levels=3, seed=0, interp_pairs=2,
+                        interp_frames=3)
+    lpips = lambda a, b: (a - b).abs().flatten(1).mean(1)  # noqa: E731 (a stand-in distance)
+    metrics = run_edits(small_model(3), images(3, 3), None, SIG, e, tmp_path, lpips)
+    for task in ("inpainting", "colorization", "super_resolution"):
+        assert set(metrics[task]) >= {"psnr", "lpips", "baseline_psnr", "baseline_lpips"}
+    assert metrics["count"] == 3 and metrics["interpolation"] == {"pairs": 2, "frames": 3}
+    assert {p.name for p in tmp_path.iterdir()} == {"inpainting.png", "colorization.png", "super_resolution.png",
+                                                   "stroke.png", "interpolation.png"}
+    (tmp_path / "gray").mkdir()
+    gray = run_edits(small_model(1), images(2, 1), None, SIG, e, tmp_path / "gray", lpips)
+    assert "gray" in gray["colorization"]["skipped"] and not (tmp_path / "gray/colorization.png").exists()

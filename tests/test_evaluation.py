@@ -220,31 +220,38 @@ def test_reference_round_trip(tmp_path):
         evaluation.load_reference(tmp_path / "missing.npz")
 
 
-def test_evaluate_names_a_sample_file_of_the_wrong_shape(tmp_path, monkeypatch):
-    from stages import evaluate
+def test_evaluate_names_a_sample_file_of_the_wrong_shape(tmp_path):
+    from cmpipe.errors import InputError
+    from cmpipe.sampling.kinds import read_sets
+    from cmpipe.sampling.scores import load_set
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data/samples").mkdir(parents=True)
-    np.savez(tmp_path / "data/samples/cm_nfe1.npz", images=np.zeros((4, 32, 32, 3), np.uint8))
-    with pytest.raises(evaluate.EvaluateError, match=r"cm_nfe1\.npz.*\(32, 32, 3\).*\(28, 28, 1\)"):
-        evaluate.load_set("cm_nfe1", {"kind": "cm", "nfe": 1, "count": 4}, (28, 28, 1))
-    np.savez(tmp_path / "data/samples/cm_nfe2.npz", images=np.zeros((4, 28, 28, 1), np.uint8))
-    with pytest.raises(evaluate.EvaluateError, match="count 5"):
-        evaluate.load_set("cm_nfe2", {"kind": "cm", "nfe": 2, "count": 5}, (28, 28, 1))
-    (tmp_path / "data/samples/sets.json").write_text(json.dumps({"x": {"kind": "gan", "nfe": 1}}))
-    with pytest.raises(evaluate.EvaluateError, match="kind 'gan'"):
-        evaluate.read_sets()
+    samples, sets_json, ref = tmp_path / "data/samples", tmp_path / "data/samples/sets.json", tmp_path / "ref.npz"
+    samples.mkdir(parents=True)
+    np.savez(samples / "cm_nfe1.npz", images=np.zeros((4, 32, 32, 3), np.uint8))
+    with pytest.raises(InputError, match=r"cm_nfe1\.npz.*\(32, 32, 3\).*ref\.npz.*\(28, 28, 1\)"):
+        load_set(samples / "cm_nfe1.npz", "cm_nfe1", {"kind": "cm", "nfe": 1, "count": 4}, (28, 28, 1),
+                 sets_json, ref)
+    np.savez(samples / "cm_nfe2.npz", images=np.zeros((4, 28, 28, 1), np.uint8))
+    with pytest.raises(InputError, match="sets.json says count 5"):
+        load_set(samples / "cm_nfe2.npz", "cm_nfe2", {"kind": "cm", "nfe": 2, "count": 5}, (28, 28, 1),
+                 sets_json, ref)
+    with pytest.raises(InputError, match=r"cm_nfe3\.npz not found but .*sets\.json lists set 'cm_nfe3'"):
+        load_set(samples / "cm_nfe3.npz", "cm_nfe3", {"kind": "cm", "nfe": 3}, (28, 28, 1), sets_json, ref)
+    sets_json.write_text(json.dumps({"x": {"kind": "gan", "nfe": 1}}))
+    with pytest.raises(InputError, match="kind 'gan'"):
+        read_sets(sets_json)
 
 
 def test_plot_rows_order_and_columns():
-    from stages import evaluate
+    from cmpipe.sampling.scores import plot_rows
 
     sets = {"teacher_dpm_nfe4": {"kind": "teacher_dpm", "nfe": 4},
-            "teacher_nfe35": {"kind": "teacher_heun", "nfe": 35}, "cm_nfe2": {"kind": "cm", "nfe": 2},
+            "teacher_heun_nfe35": {"kind": "teacher_heun", "nfe": 35}, "cm_nfe2": {"kind": "cm", "nfe": 2},
             "cm_nfe1": {"kind": "cm", "nfe": 1}}
-    text = evaluate.plot_rows(sets, {s: 1.5 for s in sets}, {s: 0.01 for s in sets})
+    text = plot_rows(sets, {s: 1.5 for s in sets}, {s: 0.01 for s in sets})
     assert text.splitlines() == ["set,kind,nfe,fid,kid,sampler", "cm_nfe1,cm,1,1.5,0.01,cm",
-                                 "cm_nfe2,cm,2,1.5,0.01,cm", "teacher_nfe35,teacher_heun,35,1.5,0.01,teacher_heun",
+                                 "cm_nfe2,cm,2,1.5,0.01,cm",
+                                 "teacher_heun_nfe35,teacher_heun,35,1.5,0.01,teacher_heun",
                                  "teacher_dpm_nfe4,teacher_dpm,4,1.5,0.01,teacher_dpm"]
 
 

@@ -278,7 +278,7 @@ def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
     assert ran_stages(out) == {"shard", "fid_ref", "teacher", "trajectories", "distill", "sample",
                                "evaluate", "edit", "report"}
     m = read_metrics(repo)
-    names = {"cm_nfe1", "cm_nfe2", "teacher_nfe7", "teacher_euler_nfe1", "teacher_euler_nfe2", "teacher_dpm_nfe2"}
+    names = {"cm_nfe1", "cm_nfe2", "teacher_heun_nfe7", "teacher_euler_nfe1", "teacher_euler_nfe2", "teacher_dpm_nfe2"}
     assert set(m["fid"]) == names and set(m["kid"]) == names
     assert all(math.isfinite(v) and v >= 0 for v in m["fid"].values())
     assert all(math.isfinite(v) for v in m["kid"].values())

@@ -114,7 +114,7 @@ def test_clip_denoised_at_every_step(make, clip):
 
 
 def test_plan_sets_names_dpm_sets_and_checks_nfe():
-    from stages.sample import plan_sets
+    from cmpipe.sampling.plan import plan_sets
 
     s = SimpleNamespace(steps=[1], ts={}, teacher_heun_nfe=[], teacher_euler_nfe=[2], teacher_dpm_nfe=[2, 5])
     sets = plan_sets(s, SIG)
@@ -129,7 +129,7 @@ def test_teacher_nfe_to_match_on_a_hand_made_table():
             ("teacher_dpm_nfe2", "teacher_dpm", 2, 80.0), ("teacher_dpm_nfe4", "teacher_dpm", 4, 20.0),
             ("teacher_dpm_nfe8", "teacher_dpm", 8, 10.0),
             ("teacher_euler_nfe1", "teacher_euler", 1, 300.0), ("teacher_euler_nfe2", "teacher_euler", 2, 250.0),
-            ("teacher_nfe35", "teacher_heun", 35, 5.0), ("teacher_nfe79", "teacher_heun", 79, None)]
+            ("teacher_heun_nfe35", "teacher_heun", 35, 5.0), ("teacher_heun_nfe79", "teacher_heun", 79, None)]
     table = pd.DataFrame(rows, columns=["set", "sampler", "NFE", "FID"])
     m = {(r["cm_nfe"], r["sampler"]): r for r in teacher_nfe_to_match(table)}
     assert len(m) == 6

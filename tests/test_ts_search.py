@@ -98,3 +98,21 @@ def test_paired_win_rate():
     assert 0.0 < paired_win_rate(slightly, close, ref, rounds=200) < 1.0  # noise: no confident winner
     with pytest.raises(ValueError, match="one shape"):
         paired_win_rate(close, far[:10], ref)
+
+
+def test_fid_of_resampled_rows_is_fid_few_of_those_rows():
+    import numpy as np
+
+    from cmpipe.metrics.fid import feature_stats, fid_few, fid_few_of_rows
+
+    rng = np.random.default_rng(2)
+    mu_ref, sigma_ref = feature_stats(rng.normal(size=(200, 12)))
+    feats = rng.normal(loc=0.2, size=(10, 12))
+    of_rows = fid_few_of_rows(feats, mu_ref, sigma_ref)
+    for _ in range(3):
+        rows = rng.integers(0, 10, 10)
+        assert of_rows(rows) == pytest.approx(fid_few(feats[rows], mu_ref, sigma_ref), rel=1e-6)
+    with pytest.raises(ValueError, match="a resample of 10 rows"):
+        of_rows(np.arange(5))
+    with pytest.raises(ValueError, match="NaN"):
+        fid_few_of_rows(np.full((3, 12), np.nan), mu_ref, sigma_ref)

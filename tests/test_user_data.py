@@ -148,17 +148,24 @@ def test_empty_and_mismatched_lists_are_params_errors(tmp_path):
     assert line == "teacher: params.yaml: model.block_out_channels = [] needs at least 1 item", line
 
 
-def test_evaluate_refuses_an_object_array_in_one_line(tmp_path, monkeypatch):
-    from stages import evaluate
+def test_evaluate_refuses_an_object_array_in_one_line(tmp_path):
+    from cmpipe.errors import InputError
+    from cmpipe.sampling.scores import load_set
 
-    monkeypatch.setattr(evaluate, "SAMPLES", tmp_path)
     np.savez(tmp_path / "cm_nfe1.npz", images=np.array([{"a": 1}, None], dtype=object))
-    with pytest.raises(evaluate.EvaluateError, match=r"cm_nfe1\.npz: unreadable sample set \(ValueError: "
-                                                     r"Object arrays cannot be loaded.*rerun `dvc repro -f sample`"):
-        evaluate.load_set("cm_nfe1", {"count": 2}, (28, 28, 1))
+    args = (tmp_path / "sets.json", tmp_path / "ref.npz")
+    with pytest.raises(InputError, match=r"cm_nfe1\.npz: unreadable sample set \(ValueError: "
+                                         r"Object arrays cannot be loaded.*rerun `dvc repro -f sample`"):
+        load_set(tmp_path / "cm_nfe1.npz", "cm_nfe1", {"count": 2}, (28, 28, 1), *args)
     (tmp_path / "cm_nfe2.npz").write_bytes(b"PK\x03\x04 not a zip")
-    with pytest.raises(evaluate.EvaluateError, match=r"cm_nfe2\.npz: unreadable sample set"):
-        evaluate.load_set("cm_nfe2", {"count": 2}, (28, 28, 1))
+    with pytest.raises(InputError, match=r"cm_nfe2\.npz: unreadable sample set"):
+        load_set(tmp_path / "cm_nfe2.npz", "cm_nfe2", {"count": 2}, (28, 28, 1), *args)
+
+
+def test_evaluate_without_its_inputs_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    line = _one_line(_run(tmp_path, "-m", "stages.evaluate"))
+    assert line == "evaluate: data/fid_ref.npz not found: run the fid_ref stage first (`dvc repro fid_ref`)", line
 
 
 # ----------------------------------------------------------------------------- checked caches

@@ -72,3 +72,35 @@ def load_mask_png(path, height: int, width: int) -> torch.Tensor:
     if m.sum() == 0:
         raise ValueError(f"mask image {path} has no white pixel: nothing to inpaint")
     return m
+
+
+def inpainting_masks(kind: str, n: int, height: int, width: int, seed: int, fraction: float) -> torch.Tensor:
+    """n x 1 x H x W masks of edit.inpaint_mask: `centre` (one centred box), `random` (a box per
+    image, placed by generator (seed, 0)) or the path of a PNG mask."""
+    from cmpipe.util.seeding import seeded_generator
+
+    if kind == "centre":
+        return centre_box_mask(height, width, fraction).expand(n, 1, height, width)
+    if kind == "random":
+        return random_box_masks(n, height, width, seeded_generator(seed, 0), fraction)
+    return load_mask_png(kind, height, width).expand(n, 1, height, width)
+
+
+def load_stroke_png(path, channels: int, height: int, width: int) -> torch.Tensor:
+    """1 x C x H x W stroke painting in [-1, 1] from an image file (edit.stroke_image), resized."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from cmpipe.util.images import to_unit
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"stroke image {path} not found (edit.stroke_image)")
+    try:
+        im = Image.open(path).convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"stroke image {path} cannot be read as an image ({e}); fix edit.stroke_image") from None
+    arr = torch.from_numpy(np.asarray(im).copy()).reshape(height, width, channels).permute(2, 0, 1)[None]
+    return to_unit(arr)

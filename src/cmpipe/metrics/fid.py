@@ -248,6 +248,26 @@ def fid_few(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> flo
     return float(diff @ diff + np.sum(X * X) + np.trace(sigma_ref) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
 
 
+
+def fid_few_of_rows(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray):
+    """`fid_few` of feats[rows] for many row draws (a bootstrap): returns rows -> FID, with
+    F sigma_ref computed once. For rows r, X sigma_ref X^T = (G_r - mean G_r)(F_r - mean F_r)^T / (n - 1)
+    with G = F sigma_ref; `rows` must hold len(feats) indices (a resample of the same size)."""
+    f = _validate_features(feats, "features").astype(np.float64)
+    g, const, n = f @ sigma_ref, np.trace(sigma_ref), len(f)
+
+    def fid_rows(rows: np.ndarray) -> float:
+        if len(rows) != n:
+            raise ValueError(f"fid_few_of_rows: a resample of {n} rows is expected, got {len(rows)}")
+        fr, gr = f[rows], g[rows]
+        mu = fr.mean(axis=0)
+        x, gx = fr - mu, gr - gr.mean(axis=0)
+        m = gx @ x.T / (n - 1)
+        lam = np.linalg.eigvalsh((m + m.T) / 2)
+        diff = mu - mu_ref
+        return diff @ diff + np.sum(x * x) / (n - 1) + const - 2 * np.sqrt(np.clip(lam, 0, None)).sum()
+    return fid_rows
+
 @contextmanager
 def _numpy_global_seed(seed: int):
     # clean-fid's kernel_distance draws its subsets from numpy's global RNG; seed it so

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from cmpipe.sampling.kinds import SAMPLER_NAMES, TEACHER_KINDS
+
 
 def results_table(metrics: dict, sets: dict) -> pd.DataFrame:
     rows = []
@@ -23,7 +25,7 @@ def results_table(metrics: dict, sets: dict) -> pd.DataFrame:
 
 
 # The teacher's samplers, in the order of the summary, and their names there.
-TEACHER_SAMPLERS = {"teacher_heun": "Heun", "teacher_euler": "Euler", "teacher_dpm": "DPM-Solver++(2M)"}
+TEACHER_SAMPLERS = {kind: SAMPLER_NAMES[kind] for kind in TEACHER_KINDS}
 
 
 def teacher_nfe_to_match(table: pd.DataFrame) -> list[dict]:

@@ -8,15 +8,15 @@ directly comparable).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from cmpipe.cm.editing import Constraint, edit
 from cmpipe.cm.karras import Denoise, Sigmas, clipped, sample_euler, sample_heun
+from cmpipe.cm.precond import EDMDenoiser
 from cmpipe.cm.sampling import consistency_sample
 from cmpipe.distributed.ddp import SINGLE, Dist, gather_in_order
 from cmpipe.util.images import to_uint8
@@ -69,8 +69,12 @@ def generate(sample_batch: Callable[[torch.Tensor, list[int]], torch.Tensor], co
     """Run `sample_batch(noise, indices)` over `count` samples; return uint8 N×H×W×C and s/image.
 
     Under torchrun (`dist`) batch b runs on rank b mod W and rank 0 returns all the images in
-    order (the others return None); seconds per image are this rank's.
+    order (the others return None); seconds per image are this rank's. The ranks pass their
+    batches through a temporary folder beside `parts_dir` (the caller's output folder).
     """
+    if dist.enabled and parts_dir is None:
+        raise ValueError(f"generate {desc!r} under torchrun needs parts_dir, the output folder beside which "
+                         f"the ranks leave their batches; pass the stage's output folder")
     starts = list(range(0, count, batch_size))
     mine = dist.my_batches(len(starts))
     bar = tqdm(total=len(mine), desc=desc, unit="batch", mininterval=2.0)
@@ -90,7 +94,7 @@ def generate(sample_batch: Callable[[torch.Tensor, list[int]], torch.Tensor], co
         bar.update()
         return to_uint8(x)
 
-    out = list(gather_in_order(dist, len(starts), compute, parts_dir or Path("data/samples"), "samples"))
+    out = list(gather_in_order(dist, len(starts), compute, parts_dir, "samples"))
     bar.close()
     done = sum(min(count, starts[b] + batch_size) - starts[b] for b in mine)
     return (np.concatenate(out) if dist.is_main else None), elapsed / max(done, 1)
@@ -152,12 +156,12 @@ def sample_dpm_solver(denoise: Denoise, noise: torch.Tensor, sig: Sigmas, nfe: i
     sched.timesteps = sched.timesteps[:nfe]
     sched.num_inference_steps = nfe
     sched.set_begin_index(0)  # step i is grid point i, whatever the (float) timesteps
-    sd2 = sig.sigma_data ** 2
+    edm = EDMDenoiser(torch.nn.Identity(), sig.sigma_data)  # for its scalings c_skip, c_out only
     x = noise * sig.sigma_max
     for i, t in enumerate(sched.timesteps):
         s = float(sched.sigmas[i])
         d = denoise(x, torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device))
-        c_skip, c_out = sd2 / (s ** 2 + sd2), s * sig.sigma_data / (s ** 2 + sd2) ** 0.5
+        c_skip, c_out, _ = (float(c) for c in edm.scalings(torch.tensor(s, dtype=torch.float64)))
         x = sched.step((d - c_skip * x) / c_out, t, x).prev_sample
     return x
 
@@ -169,11 +173,3 @@ def dpm_sampler(denoise, sig: Sigmas, nfe: int, labels: Labels | None = None, cl
             return sample_dpm_solver(d, noise, sig, nfe).clamp(-1, 1)
     return sample_batch
 
-
-def edit_with_seed(f, y: torch.Tensor, constraint: Constraint | None, sig: Sigmas, ts: list[int], seed: int,
-                   stream: int, start: torch.Tensor | None = None) -> torch.Tensor:
-    """`edit` with the noise of image i drawn from (seed, i, stream, step): batch-size independent."""
-    from cmpipe.util.seeding import per_sample_randn
-
-    idx = range(len(y))
-    return edit(f, y, constraint, sig, ts, lambda k: per_sample_randn(seed, idx, y.shape[1:], stream, k), start)

@@ -19,7 +19,7 @@ their initial noises, so sample i of one ts pairs with sample i of the other).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -93,47 +93,36 @@ def search_ts(objective: Callable[[list[int]], float], max_steps: int, num_scale
 
 def paired_win_rate(feats_a: np.ndarray, feats_b: np.ndarray, ref: dict, rounds: int = BOOTSTRAP_ROUNDS,
                     seed: int = 0) -> float:
-    """Fraction of paired bootstrap resamples (the same rows of both) in which a has the lower FID.
+    """Fraction of paired bootstrap resamples (the same rows of both) in which a has the lower FID
+    (each resample's FID is `metrics.fid.fid_few`, by `fid_few_of_rows`)."""
+    from cmpipe.metrics.fid import fid_few_of_rows
 
-    Each resample's FID is `evaluation.fid_few` with F sigma_ref computed once per set: for rows
-    r, X sigma_ref X^T = (G_r - mean G_r)(F_r - mean F_r)^T / (n - 1) with G = F sigma_ref.
-    """
     if feats_a.shape != feats_b.shape:
         raise ValueError(f"paired features must have one shape, got {feats_a.shape} and {feats_b.shape}")
-    mu_ref, sigma_ref = ref["mu"], ref["sigma"]
-    const = np.trace(sigma_ref)
-    sets = [(f, f @ sigma_ref) for f in (feats_a.astype(np.float64), feats_b.astype(np.float64))]
+    fid_a, fid_b = (fid_few_of_rows(f, ref["mu"], ref["sigma"]) for f in (feats_a, feats_b))
     n = len(feats_a)
-
-    def fid_rows(f: np.ndarray, g: np.ndarray, rows: np.ndarray) -> float:
-        f, g = f[rows], g[rows]
-        mu = f.mean(axis=0)
-        x, gx = f - mu, g - g.mean(axis=0)
-        m = gx @ x.T / (n - 1)
-        lam = np.linalg.eigvalsh((m + m.T) / 2)
-        diff = mu - mu_ref
-        return diff @ diff + np.sum(x * x) / (n - 1) + const - 2 * np.sqrt(np.clip(lam, 0, None)).sum()
 
     rng = np.random.default_rng(seed)
     wins = 0
     for _ in range(rounds):
         rows = rng.integers(0, n, n)
-        wins += fid_rows(*sets[0], rows) < fid_rows(*sets[1], rows)
+        wins += fid_a(rows) < fid_b(rows)
     return wins / rounds
 
 
 def search_ts_by_fid(f, sig, shape, max_steps: int, count: int, seed: int, batch_size: int, device,
                      ref: dict, method: str = "ternary", inception=None, start: dict | None = None,
-                     labels=None, dist=None) -> tuple[dict[int, list[int]], dict[str, float], dict]:
+                     labels=None, dist=None, parts_dir=None) -> tuple[dict[int, list[int]], dict[str, float], dict]:
     """`search_ts` on the FID of `count` samples drawn with `seed` against reference statistics.
     A searched ts replaces `start[steps]` only if it wins `CONFIDENCE` of the paired bootstrap
     resamples; the third value returned holds those win rates per step count.
 
     Every candidate uses the same initial noises (common random numbers), so the FIDs differ by
     the ts and not by the draw; keep `seed` apart from the evaluated sets' seed (held out).
-    `labels` gives a conditional model its classes (`sampling.class_labels`). Under torchrun
-    (`dist`) every rank samples its batches, rank 0 scores them and shares the FID, so all ranks
-    follow the same search.
+    `labels` gives a conditional model its classes (`sampling.sets.class_labels`). Under torchrun
+    (`dist`) every rank samples its batches (passed through beside `parts_dir`, see
+    `sampling.sets.generate`), rank 0 scores them and shares the FID, so all ranks follow the
+    same search.
     """
     import logging
 
@@ -151,7 +140,7 @@ def search_ts_by_fid(f, sig, shape, max_steps: int, count: int, seed: int, batch
 
     def fid_of(ts: list[int]) -> float:
         images, _ = generate(cm_sampler(f, sig, ts, seed, shape, labels), count, batch_size, shape, seed, device,
-                             f"ts {ts}", dist=dist)
+                             f"ts {ts}", dist=dist, parts_dir=parts_dir)
         value = None
         if dist.is_main:
             feats = evaluation.inception_features(images, model=model, progress=False, desc=f"ts {ts}")
