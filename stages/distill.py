@@ -8,7 +8,9 @@ reads data/teacher/model.pt (the student starts from its EMA weights) and the pa
 data/trajectories; mode ct (Algorithm 3, or improved CT with the `distill` switches) reads only
 the training images of data/shards and starts from random weights: no teacher, no cache; mode
 ect (Geng et al. 2025) starts from the teacher's EMA weights and reads the training images: no
-cache, no ODE solver, and no target EMA (the student is its own target).
+cache, no ODE solver, and no target EMA (the student is its own target). With distill.init midtrain
+every mode starts from the mid-trained model data/midtrain/model.pt instead (consistency
+post-training, CMT); distill.images 0 then trains nothing: the mid-trained model is the student.
 Outputs data/student/model.pt (weights "model", the target theta^- "target", in ect the student
 itself, and the evaluation EMA "ema" that sampling uses: of several distill.ema_decays, the one
 whose held-out one-step samples have the lowest FID, each also kept as "ema_<decay>") and
@@ -23,7 +25,7 @@ from cmpipe.distributed.accel import Accel
 from cmpipe.pipeline import params
 from cmpipe.pipeline.config import sigmas_from, train_config_from
 from cmpipe.pipeline.layout import DISTILL_REPORT as REPORT, DISTILL_RESUME as RESUME, STUDENT as OUT
-from cmpipe.pipeline.setups import check_distill, distill_distance, distill_setup
+from cmpipe.pipeline.setups.distill import check_distill, distill_distance, distill_init, distill_setup
 from cmpipe.pipeline.stage import run_stage
 from cmpipe.pipeline.training_stage import TrainingStage
 from cmpipe.sampling.sets import cm_sampler
@@ -40,12 +42,18 @@ def main():
     accel.configure()
     stage = TrainingStage("distill", d, OUT, REPORT, RESUME, dist)
     stage.check()
+    if d.images == 0:  # no post-training: the mid-trained model is the consistency model
+        ema = stage.adopt(distill_init(d), sig.sigma_data, sig.sigma_min, device)
+        u = ema.net.config
+        shape = (u["in_channels"], u["sample_size"], u["sample_size"])
+        return stage.preview(lambda m, labels: cm_sampler(m, sig, [0], d.seed, shape, labels), ema, shape, d.seed,
+                             device, "one-step grid")
     setup = distill_setup(d, sig, p.model, train_config_from(d, "distill").steps, device, part)
     shape = (setup.unet["in_channels"], setup.unet["sample_size"], setup.unet["sample_size"])
     metric, weighting = distill_distance(d)
     meta = {"sigma_data": sig.sigma_data, "sigma_min": sig.sigma_min, "sigma_max": sig.sigma_max, "rho": sig.rho,
             "num_scales": sig.num_scales, "mode": d.mode, "pairs": d.pairs if d.mode == "cd" else None,
-            "metric": metric, "weighting": weighting, "images": d.images}
+            "metric": metric, "weighting": weighting, "images": d.images, "init": d.init}
     ema = stage.train(setup, "consistency", meta,
                       lambda m, labels: cm_sampler(m, sig, [0], d.heldout_fid_seed, shape, labels), shape, device,
                       accel, [vars(d), vars(p.diffusion), vars(p.model)])

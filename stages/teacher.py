@@ -20,7 +20,7 @@ from cmpipe.models.teachers import adopt_teacher
 from cmpipe.pipeline import params
 from cmpipe.pipeline.config import sigmas_from
 from cmpipe.pipeline.layout import MANIFEST, TEACHER as OUT, TEACHER_REPORT as REPORT, TEACHER_RESUME as RESUME
-from cmpipe.pipeline.setups import teacher_setup
+from cmpipe.pipeline.setups.teacher import teacher_setup
 from cmpipe.pipeline.stage import run_stage
 from cmpipe.pipeline.training_stage import TrainingStage
 from cmpipe.sampling.sets import dpm_sampler, heun_sampler

@@ -147,7 +147,7 @@ def test_student_of_teacher_keeps_the_weights_with_another_dropout(tmp_path):
 
 
 def test_ect_setup_refuses_a_gap_float32_cannot_resolve():
-    from cmpipe.pipeline.setups import ect_setup
+    from cmpipe.pipeline.setups.distill import ect_setup
 
     d = SimpleNamespace(ect_stage_images=64, batch_size=32, ect_q=2.0)
     with pytest.raises(params.ParamsError, match="ect_stage_images"):  # 50 stages: t - r = t n / 2^50

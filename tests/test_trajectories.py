@@ -46,7 +46,7 @@ def test_cd_setup_refuses_a_missing_or_foreign_cache_before_loading_the_teacher(
     import pytest
 
     from cmpipe.data import ShardError
-    from cmpipe.pipeline.setups import cd_setup
+    from cmpipe.pipeline.setups.distill import cd_setup
 
     d = SimpleNamespace(batch_size=4, seed=0, huber_c=None, weighting="uniform", pairs="cache")
     absent_teacher = tmp_path / "no-teacher.pt"  # never read: the cache is checked first

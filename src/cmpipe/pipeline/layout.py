@@ -14,12 +14,16 @@ FID_REF = Path("data/fid_ref.npz")
 TEACHER = Path("data/teacher/model.pt")
 TEACHER_REPORT = Path("reports/teacher")
 
-TRAJECTORIES = Path("data/trajectories")
+TRAJECTORIES = Path("data/trajectories")  # CD's Heun pairs: shards/ and cache.json
+WHOLE_TRAJECTORIES = TRAJECTORIES / "whole"  # midtrain's whole DPM-Solver++ trajectories: shards/, cache.json
 TRAJECTORIES_REPORT = Path("reports/trajectories.json")
+
+MIDTRAIN = Path("data/midtrain/model.pt")
+MIDTRAIN_REPORT = Path("reports/midtrain")
 
 STUDENT = Path("data/student/model.pt")
 DISTILL_REPORT = Path("reports/distill")
-# In the teacher's and distill's reports: the choice of the evaluation EMA (cmpipe.pipeline.ema).
+# In each training stage's reports: the choice of the evaluation EMA (cmpipe.training.selection).
 EMA_SELECTION_NAME = "ema_selection.json"
 TEACHER_EMA_SELECTION = TEACHER_REPORT / EMA_SELECTION_NAME
 DISTILL_EMA_SELECTION = DISTILL_REPORT / EMA_SELECTION_NAME
@@ -28,6 +32,7 @@ SAMPLES = Path("data/samples")
 SAMPLE_SETS = SAMPLES / "sets.json"
 SAMPLE_GRIDS = Path("reports/samples")
 TS_SEARCH = Path("reports/ts_search.json")
+COPY_CHECK = Path("reports/copy_check.json")
 SAMPLE_TIMING = Path("reports/sample_timing.json")
 
 METRICS = Path("reports/metrics.json")
@@ -40,3 +45,4 @@ SUMMARY = Path("reports/summary.md")
 RESUME = Path("data/.resume")
 TEACHER_RESUME = RESUME / "teacher.pt"
 DISTILL_RESUME = RESUME / "distill.pt"
+MIDTRAIN_RESUME = RESUME / "midtrain.pt"

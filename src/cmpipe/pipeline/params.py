@@ -1,6 +1,6 @@
 """The typed schema of params.yaml and its validation.
 
-Each stage calls `load(section)` (or `load_keys`) before any work: unknown keys,
+Each stage calls `load(section)` (or `load_many`) before any work: unknown keys,
 missing keys, wrong types and out-of-range values fail with a `ParamsError`
 that names the key (``teacher.lr``) and says what is allowed.
 """
@@ -33,7 +33,7 @@ def _k(type_, **kw):
 
 
 POS = dict(min=1)
-# The keys of one training loop (training.TrainConfig), the same for the teacher and distill.
+# The keys of one training loop (training.TrainConfig), the same for teacher, midtrain and distill.
 TRAINING = {
     "seed": _k("int", min=0),
     "images": _k("int", **POS),
@@ -45,7 +45,7 @@ TRAINING = {
     "checkpoint_every": _k("int", **POS),
     "log_every": _k("int", **POS),
     # Evaluation EMAs: several decays are all kept, and the one whose held-out samples score the
-    # lowest FID after the last step is used (cmpipe.pipeline.ema): heldout_fid_count samples drawn
+    # lowest FID after the last step is used (cmpipe.training.selection): heldout_fid_count samples drawn
     # with heldout_fid_seed, also every heldout_fid_every images (a curve; null = at the end only).
     "ema_decays": _k("float_list", min=0.0, max=0.999999),
     "heldout_fid_every": _k("int", min=1, nullable=True),
@@ -114,11 +114,27 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "images_per_shard": _k("int", **POS),
         "device": _k("str", choices=("auto", "cpu", "cuda")),
         "bf16": _k("bool"),
+        # Whole DPM-Solver++(2M) trajectories of the teacher for midtrain (CMT): how many, and the
+        # NFE of each on the logSNR-uniform grid from sigma_max to sigma_min.
+        "num_trajectories": _k("int", **POS),
+        "nfe": _k("int", min=1, max=1000),
+    },
+    "midtrain": {
+        "pairs": _k("str", choices=("cache", "online")),
+        **TRAINING,
+        "dropout": _k("float", min=0.0, max=0.9),
+        "metric": _k("str", choices=("l2", "l1", "pseudo_huber", "lpips")),
+        "huber_c": _k("float", min=1e-12, nullable=True),
+        "lpips_net": _k("str", choices=("alex", "vgg")),
+        "lpips_resize": _k("int", min=16, max=1024, nullable=True),
     },
     "distill": {
         "mode": _k("str", choices=("cd", "ct", "ect")),
         "pairs": _k("str", choices=("cache", "online")),
+        "init": _k("str", choices=("teacher", "midtrain")),
         **TRAINING,
+        # 0 images: no post-training, the student is distill.init's model (midtrain alone)
+        "images": _k("int", min=0),
         "dropout": _k("float", min=0.0, max=0.9),
         "metric": _k("str", choices=("l2", "l1", "pseudo_huber", "lpips")),
         "huber_c": _k("float", min=1e-12, nullable=True),

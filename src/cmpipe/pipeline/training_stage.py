@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from cmpipe.cm.precond import ConsistencyFunction
 from cmpipe.errors import ParamsError
-from cmpipe.models.networks import save_model
+from cmpipe.models.networks import load_network, read_model_file, save_model
 from cmpipe.pipeline.config import train_config_from
 from cmpipe.pipeline.layout import FID_REF
 from cmpipe.pipeline.setups import TrainingSetup
@@ -23,6 +24,7 @@ from cmpipe.sampling.sets import class_labels, generate, preview_plan
 from cmpipe.training.ema import TARGET, Averages, ema_names
 from cmpipe.training.loop import Checkpoint, train
 from cmpipe.training.selection import HeldoutFID, choose_ema
+from cmpipe.util.fileio import atomic_write_json
 from cmpipe.util.hashing import fingerprint_of
 from cmpipe.util.images import save_grid
 
@@ -100,3 +102,21 @@ class TrainingStage:
         save_grid(images, self.report / "samples.png", nrow=8)
         log.info("wrote %s and %s", self.out, self.report / "samples.png")
         return spi
+
+    def write_unused(self, why: str):
+        """The outputs of a stage that nobody downstream reads (e.g. midtrain with distill.init
+        teacher): a note saying why, in the model's folder and the report folder."""
+        log.info("%s not run: %s, which does not read it", self.name, why)
+        if self.dist.is_main:
+            for folder in (self.out.parent, self.report):
+                atomic_write_json(folder / "unused.json", {"unused": why})
+
+    def adopt(self, path: Path, sigma_data: float, sigma_min: float, device) -> ConsistencyFunction:
+        """Train nothing: the consistency model at `path` becomes this stage's model file (with
+        `adopted_from` in its meta) and its chosen EMA is returned."""
+        ckpt = read_model_file(path, ("consistency",))
+        save_model(self.out, "consistency", ckpt["unet"], ckpt["weights"], dict(ckpt["meta"], adopted_from=str(path)))
+        atomic_write_json(self.report / "ema_selection.json", {"adopted_from": str(path), "chosen": "ema"})
+        log.info("%s trains nothing: %s is its model", self.name, path)
+        net, _ = load_network(self.out, ("consistency",), which="ema")
+        return ConsistencyFunction(net, sigma_data, sigma_min).to(device)

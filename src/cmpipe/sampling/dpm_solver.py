@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from cmpipe.cm.karras import Denoise
+from cmpipe.cm.karras import Denoise, Sigmas
+from cmpipe.cm.precond import EDMDenoiser
 
 
 def check_sigma_grid(sigmas, name: str = "sigmas") -> torch.Tensor:
@@ -59,7 +60,7 @@ def dpm_solver_trajectory(denoise: Denoise, noise: torch.Tensor, sigmas, sigma_d
     sched.timesteps = sched.precondition_noise(grid[:-1]).to(noise.device)  # one per evaluation
     sched.num_inference_steps = nfe
     sched.set_begin_index(0)  # step i starts at grid point i, whatever the (float) timesteps
-    sd2 = sigma_data ** 2
+    edm = EDMDenoiser(torch.nn.Identity(), sigma_data)  # for its scalings c_skip, c_out only
     x = noise * grid[0].item() if x_start is None else x_start
     if x.shape != noise.shape:
         raise ValueError(f"x_start has shape {tuple(x.shape)}, noise {tuple(noise.shape)}")
@@ -67,7 +68,21 @@ def dpm_solver_trajectory(denoise: Denoise, noise: torch.Tensor, sigmas, sigma_d
     for i, t in enumerate(sched.timesteps):
         s = float(grid[i])
         d = denoise(x, torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device))
-        c_skip, c_out = sd2 / (s ** 2 + sd2), s * sigma_data / (s ** 2 + sd2) ** 0.5
+        c_skip, c_out, _ = (float(c) for c in edm.scalings(torch.tensor(s, dtype=torch.float64)))
         x = sched.step((d - c_skip * x) / c_out, t, x).prev_sample
         points.append(x)
     return torch.stack(points, dim=1)
+
+
+def karras_grid_to_zero(sig: Sigmas, nfe: int) -> torch.Tensor:
+    """The grid of the DPM-Solver++ and Euler baselines: the scheduler's (nfe + 1)-point Karras grid
+    with sigma_min replaced by 0, so that no evaluation is spent at sigma_min (the scheduler's own
+    nfe-point grid then 0 would make 2 NFE 80 -> 0.002 -> 0, in effect one step)."""
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    if nfe < 1:
+        raise ValueError(f"DPM-Solver++ needs nfe >= 1, got {nfe}")
+    sched = EDMDPMSolverMultistepScheduler(sigma_min=sig.sigma_min, sigma_max=sig.sigma_max,
+                                           sigma_data=sig.sigma_data, rho=sig.rho, sigma_schedule="karras")
+    sched.set_timesteps(nfe + 1)
+    return torch.cat([sched.sigmas[:nfe], sched.sigmas[-1:]])

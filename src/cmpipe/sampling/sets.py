@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from cmpipe.cm.karras import Denoise, Sigmas, clipped, sample_euler, sample_heun
-from cmpipe.cm.precond import EDMDenoiser
 from cmpipe.cm.sampling import consistency_sample
 from cmpipe.distributed.ddp import SINGLE, Dist, gather_in_order
+from cmpipe.sampling.dpm_solver import dpm_solver_trajectory, karras_grid_to_zero
 from cmpipe.util.images import to_uint8
 from cmpipe.util.seeding import per_sample_randn, seeded_generator
 
@@ -132,38 +132,12 @@ def euler_sampler(denoise, sig: Sigmas, nfe: int, labels: Labels | None = None, 
 
 def sample_dpm_solver(denoise: Denoise, noise: torch.Tensor, sig: Sigmas, nfe: int) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) with exactly `nfe` evaluations of the EDM denoiser, by diffusers'
-    `EDMDPMSolverMultistepScheduler`, on the grid of the Euler baseline: the (nfe + 1)-point Karras
-    grid with sigma_min replaced by 0, so that no evaluation is spent at sigma_min (the scheduler's
-    own nfe-point grid then 0 would make 2 NFE 80 -> 0.002 -> 0, in effect one step). The last step
-    is first order, as the scheduler does.
-
-    We evaluate D(x; sigma) ourselves (so that it can be clipped, and labels bound) and hand the
-    scheduler the epsilon-type output that its `precondition_outputs` maps back to D:
-    model_output = (D - c_skip x) / c_out. The start is EDM's x = sigma_max z, not diffusers'
-    `init_noise_sigma` (sqrt(sigma_max^2 + 1)), so every sampler starts from the same point.
-    """
-    from diffusers import EDMDPMSolverMultistepScheduler
-
-    if nfe < 1:
-        raise ValueError(f"DPM-Solver++ needs nfe >= 1, got {nfe}")
-    sched = EDMDPMSolverMultistepScheduler(
-        sigma_min=sig.sigma_min, sigma_max=sig.sigma_max, sigma_data=sig.sigma_data, rho=sig.rho,
-        sigma_schedule="karras", solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero",
-        prediction_type="epsilon")
-    sched.set_timesteps(nfe + 1, device=noise.device)
-    # Drop the evaluation at sigma_min: sigmas [s_0 .. s_{nfe-1}, 0], one time step per evaluation.
-    sched.sigmas = torch.cat([sched.sigmas[:nfe], sched.sigmas[-1:]])
-    sched.timesteps = sched.timesteps[:nfe]
-    sched.num_inference_steps = nfe
-    sched.set_begin_index(0)  # step i is grid point i, whatever the (float) timesteps
-    edm = EDMDenoiser(torch.nn.Identity(), sig.sigma_data)  # for its scalings c_skip, c_out only
-    x = noise * sig.sigma_max
-    for i, t in enumerate(sched.timesteps):
-        s = float(sched.sigmas[i])
-        d = denoise(x, torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device))
-        c_skip, c_out, _ = (float(c) for c in edm.scalings(torch.tensor(s, dtype=torch.float64)))
-        x = sched.step((d - c_skip * x) / c_out, t, x).prev_sample
-    return x
+    `EDMDPMSolverMultistepScheduler` (`dpm_solver_trajectory`), on the grid of the Euler baseline
+    (`karras_grid_to_zero`); the last step is first order, as the scheduler does. The start is EDM's
+    x = sigma_max z, not diffusers' `init_noise_sigma` (sqrt(sigma_max^2 + 1)), so every sampler
+    starts from the same point."""
+    grid = karras_grid_to_zero(sig, nfe)
+    return dpm_solver_trajectory(denoise, noise, grid, sig.sigma_data, x_start=noise * sig.sigma_max)[:, -1]
 
 
 def dpm_sampler(denoise, sig: Sigmas, nfe: int, labels: Labels | None = None, clip_denoised: bool = False):

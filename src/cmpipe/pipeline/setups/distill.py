@@ -1,82 +1,33 @@
-"""What each training stage trains and on what, bound to the pipeline's artifacts and params: the
-teacher (EDM, Karras et al. 2022) and the modes of the distill stage, CD from the trajectory cache
-(Song et al. 2023, Algorithm 2), CT from the training images (Algorithm 3) and ECT (Geng et al.
-2025) from the teacher's weights and the training images. The training stage skeleton
-(pipeline.training_stage) runs any of them."""
+"""The distill stage's setups: CD from the trajectory cache or online (Song et al. 2023, Algorithm 2),
+CT from the training images (Algorithm 3), and ECT (Geng et al. 2025) from the training images; the
+student starts from `distill.init` (the teacher, or the mid-trained model)."""
 from __future__ import annotations
 
 import json
 import logging
 import math
 from pathlib import Path
-from typing import Callable, NamedTuple
 
 import torch
 
 from cmpipe.cm.karras import Sigmas
-from cmpipe.cm.losses import cd_loss, cd_loss_online, ct_loss, ect_loss, edm_loss
-from cmpipe.cm.precond import ConsistencyFunction, ECTConsistencyFunction, EDMDenoiser, student_from_teacher
+from cmpipe.cm.losses import cd_loss, cd_loss_online, ct_loss, ect_loss
+from cmpipe.cm.precond import ConsistencyFunction, ECTConsistencyFunction
 from cmpipe.cm.schedules import CTSchedule, ect_r, ect_sample_t, sample_pair_indices
 from cmpipe.data import ShardError, load_image_split, read_manifest
 from cmpipe.distributed.accel import resident
-from cmpipe.util.images import to_unit
-from cmpipe.models.networks import (
-    build_unet,
-    count_parameters,
-    model_num_classes,
-    num_classes_of,
-    unet_config,
-)
+from cmpipe.errors import ParamsError
+from cmpipe.models.networks import build_unet, count_parameters, model_num_classes, unet_config
+from cmpipe.models.teachers import load_teacher
 from cmpipe.pipeline.config import ct_schedule_from, resolve_metric
-from cmpipe.pipeline.layout import MANIFEST, TEACHER, TRAJECTORIES
-from cmpipe.pipeline.params import ParamsError
-from cmpipe.models.teachers import load_teacher, load_teacher_file
+from cmpipe.pipeline.layout import MANIFEST, MIDTRAIN, TEACHER, TRAJECTORIES
+from cmpipe.pipeline.setups import TrainingSetup, student_of_teacher, train_images_for_teacher, train_shard_hashes
 from cmpipe.training.loop import EpochSampler
 from cmpipe.training.trajectories import load_pairs
 from cmpipe.util.hashing import sha256_file
+from cmpipe.util.images import to_unit
 
 log = logging.getLogger(__name__)
-
-
-class TrainingSetup(NamedTuple):
-    """What the training loop needs from a stage's mode: the model, its loss, its inputs."""
-    model: torch.nn.Module  # EDMDenoiser (teacher) or ConsistencyFunction (student)
-    unet: dict  # its UNet2DModel config, saved beside its weights
-    loss_at: Callable  # (step, generator, target θ⁻ or None) -> the loss of the step's batch
-    inputs: list  # hashes of the data the loss reads: part of the resume fingerprint
-    target_rate: Callable[[int], float] | None = None  # step -> μ of θ⁻ (CD, CT); None: no target
-
-
-def train_shard_hashes(manifest: dict) -> list[str]:
-    return [s["sha256"] for s in manifest["splits"][manifest["roles"]["train"]]["shards"]]
-
-
-def teacher_setup(t, model_params, sig: Sigmas, device, part: slice | None = None,
-                  manifest_path: Path = MANIFEST) -> TrainingSetup:
-    """The EDM teacher from random weights (the architecture of params `model`, seeded by
-    teacher.seed) on the training images, with the EDM loss (P_mean, P_std of `teacher`).
-    Under torchrun, `part` is this rank's rows of the global batch."""
-    manifest = read_manifest(manifest_path)
-    c, h, _ = manifest["shape"]
-    num_classes = model_num_classes(model_params.class_conditional, manifest["class_names"])
-    unet = unet_config(model_params.block_out_channels, model_params.layers_per_block,
-                       model_params.attention_levels, model_params.dropout, h, c, num_classes)
-    torch.manual_seed(t.seed)  # the initial weights
-    net = build_unet(unet).to(device)
-    log.info("UNet2DModel with %.2fM parameters on %s%s", count_parameters(net) / 1e6, device,
-             f", conditioned on {num_classes} classes" if num_classes else "")
-    images, labels = load_image_split(manifest_path, role="train")
-    images, labels = resident(images, device), resident(labels, device)
-    sampler = EpochSampler(len(images), t.batch_size, t.seed)
-    model = EDMDenoiser(net, sig.sigma_data)
-
-    def loss_at(step, g, target):  # no target: the teacher regresses the data
-        i = sampler.indices(step)  # the global batch; under torchrun this rank keeps `part`
-        x = to_unit(images[i.to(images.device)]).to(device, non_blocking=True)
-        y = labels[(i if part is None else i[part]).to(labels.device)].to(device) if num_classes else None
-        return edm_loss(model.with_labels(y), x, t.P_mean, t.P_std, sig.sigma_data, generator=g, part=part)
-
-    return TrainingSetup(model, unet, loss_at, train_shard_hashes(manifest))
 
 
 def check_distill(d):
@@ -84,6 +35,9 @@ def check_distill(d):
     if d.mode == "cd" and d.mu_schedule in ("ct", "ct_paper"):
         raise ParamsError(f"distill.mu_schedule = {d.mu_schedule} follows the N(k) of consistency training; "
                           "with distill.mode = cd use mu_schedule: fixed (rate distill.mu)")
+    if d.images == 0 and d.init != "midtrain":
+        raise ParamsError("distill.images = 0 trains nothing, which only means something with distill.init = midtrain "
+                          "(the mid-trained model is then the consistency model): set a budget or distill.init")
     try:
         ct_schedule_from(d, 1)
     except ValueError as e:
@@ -97,44 +51,38 @@ def distill_distance(d) -> tuple[str, str]:
     return d.metric, d.weighting
 
 
+def distill_init(d, midtrain_path: Path = MIDTRAIN) -> Path | None:
+    """The file the student starts from when not the mode's own start (the teacher for cd and ect,
+    random weights for ct): the mid-trained model with distill.init = midtrain."""
+    if d.init != "midtrain":
+        return None
+    if not Path(midtrain_path).is_file():
+        raise ParamsError(f"distill.init = midtrain but {midtrain_path} does not exist: run `dvc repro midtrain`")
+    return Path(midtrain_path)
+
+
 def distill_setup(d, sig: Sigmas, model_params, steps: int, device, part: slice | None = None) -> TrainingSetup:
-    """The student of `distill.mode` over `steps` optimizer steps. CD and CT move their target θ⁻
-    with μ(k) (`distill.mu`, or the N(k)-driven schedule of CT); ECT's student is its own target."""
+    """The student of `distill.mode` over `steps` optimizer steps, from `distill.init`. CD and CT
+    move their target θ⁻ with μ(k) (`distill.mu`, or the N(k)-driven schedule of CT); ECT's student
+    is its own target."""
+    init = distill_init(d)
     if d.mode == "ect":
         log.info("ect with distance %s, weighting %s, the student as its own target", *distill_distance(d))
-        return ect_setup(d, sig, model_params.class_conditional, steps, device, part)
+        return ect_setup(d, sig, model_params.class_conditional, steps, device, part, init_path=init)
     metric = resolve_metric(d.metric, d.lpips_net, d.lpips_resize, device, d.huber_c)
     sched = ct_schedule_from(d, steps)
     if d.mode == "cd":
-        setup = cd_setup(d, sig, model_params.class_conditional, device, metric, part)
+        setup = cd_setup(d, sig, model_params.class_conditional, device, metric, part, init_path=init)
     else:
-        setup = ct_setup(d, sig, model_params, sched, device, metric, part)
+        setup = ct_setup(d, sig, model_params, sched, device, metric, part, init_path=init)
     log.info("%s with metric %s, weighting %s, target mu %s", d.mode, d.metric, d.weighting,
              d.mu if d.mu_schedule == "fixed" else "mu(k)")
     return setup._replace(target_rate=sched.mu_at)
 
 
-def student_of_teacher(sig: Sigmas, class_conditional: bool, device, dropout: float, seed: int,
-                       teacher_path: Path = TEACHER, wrapper=ConsistencyFunction):
-    """The student of CD and ECT: the teacher file's EMA UNet under the consistency scalings
-    (`wrapper`), with the student's own dropout rate (`with_dropout`), and the global RNG that draws
-    its dropout masks seeded with `seed`. Returns (student, its UNet config, the teacher's class
-    count or None)."""
-    net, ckpt = load_teacher_file(teacher_path)
-    teacher_classes = num_classes_of(ckpt["unet"])
-    if (teacher_classes is not None) != class_conditional:
-        raise ParamsError(
-            f"model.class_conditional is {str(class_conditional).lower()} but the teacher "
-            f"{teacher_path} is {'class-conditional' if teacher_classes else 'unconditional'}: run "
-            f"`dvc repro teacher` (or adopt a teacher that matches)")
-    net, unet = with_dropout(net, ckpt["unet"], dropout)
-    torch.manual_seed(seed)  # the dropout masks (the data and the noise have their own generators)
-    return student_from_teacher(net, sig, wrapper).to(device), unet, teacher_classes
-
-
 def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slice | None = None,
              cache_dir: Path = TRAJECTORIES, teacher_path: Path = TEACHER,
-             manifest_path: Path = MANIFEST) -> TrainingSetup:
+             manifest_path: Path = MANIFEST, init_path: Path | None = None) -> TrainingSetup:
     """CD: the student starts from the teacher's EMA and each step reads a batch of Heun pairs
     (params `distill`: batch_size, seed, dropout, weighting), from the trajectory cache
     (distill.pairs = cache) or made by the teacher inside the step (online).
@@ -142,7 +90,8 @@ def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slic
     Under torchrun, `part` is this rank's rows of the global batch.
     """
     if d.pairs == "online":
-        return cd_online_setup(d, sig, class_conditional, device, metric, part, manifest_path, teacher_path)
+        return cd_online_setup(d, sig, class_conditional, device, metric, part, manifest_path, teacher_path,
+                               init_path)
     cache_file = Path(cache_dir) / "cache.json"
     if not cache_file.exists():
         raise ShardError(f"{cache_file} not found: run `dvc repro trajectories` first")
@@ -154,13 +103,13 @@ def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slic
         raise ShardError(f"the trajectory cache was made on a {cache['num_scales']}-point grid but "
                          f"diffusion.num_scales = {sig.num_scales}; run `dvc repro trajectories`")
     student, unet, teacher_classes = student_of_teacher(sig, class_conditional, device, d.dropout, d.seed,
-                                                        teacher_path)
+                                                        init_path or teacher_path)
     n_all, xn_all, xnext_all, y_all = load_pairs([Path(s["path"]) for s in cache["shards"]], cache["shape"])
     if (y_all is None) != (teacher_classes is None):
         raise ShardError(f"the trajectory cache {cache_dir} and the teacher {teacher_path} disagree on class "
                          f"labels; rebuild the cache with `dvc repro trajectories`")
     n_all, xn_all, xnext_all = (resident(t, device) for t in (n_all, xn_all, xnext_all))
-    log.info("cd: %d cached pairs, the student starts from the teacher's EMA", len(n_all))
+    log.info("cd: %d cached pairs, the student starts from %s's EMA", len(n_all), init_path or teacher_path)
     sampler = EpochSampler(len(n_all), d.batch_size, d.seed)
 
     def loss_at(step, g, target):
@@ -172,28 +121,22 @@ def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slic
                        xn_all[j].to(device, non_blocking=True), xnext_all[j].to(device, non_blocking=True),
                        sig, metric, d.weighting)
 
-    inputs = [[s["sha256"] for s in cache["shards"]], cache["teacher_sha256"]]
+    inputs = [[s["sha256"] for s in cache["shards"]], cache["teacher_sha256"], init_hash(init_path)]
     return TrainingSetup(student, unet, loss_at, inputs)
 
 
-def train_images_for_teacher(teacher_classes: int | None, manifest_path: Path, teacher_path: Path):
-    """The training images and labels that a mode tuning the teacher (online CD, ECT) reads, checked
-    against the teacher's class count, and the hashes of their shards (resume fingerprint)."""
-    manifest = read_manifest(manifest_path)
-    if teacher_classes is not None and teacher_classes != len(manifest["class_names"]):
-        raise ShardError(f"the teacher {teacher_path} has {teacher_classes} classes but the shards have "
-                         f"{len(manifest['class_names'])}; run `dvc repro teacher`")
-    images, labels = load_image_split(manifest_path, role="train")
-    return images, labels, train_shard_hashes(manifest)
+def init_hash(init_path: Path | None) -> str | None:
+    """The start of the student in the resume fingerprint: the mid-trained file's hash, if any."""
+    return sha256_file(init_path) if init_path is not None else None
 
 
 def cd_online_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slice | None,
-                    manifest_path: Path, teacher_path: Path) -> TrainingSetup:
+                    manifest_path: Path, teacher_path: Path, init_path: Path | None = None) -> TrainingSetup:
     """CD as Algorithm 2 draws it: every step a fresh (x, n, z) and the teacher's Heun step from
     sigma_n to sigma_{n+1} (`cd_loss_online`), no pair read twice. Costs the teacher's two
     evaluations per image in the step, the price the cache pays once per pair."""
     student, unet, teacher_classes = student_of_teacher(sig, class_conditional, device, d.dropout, d.seed,
-                                                        teacher_path)
+                                                        init_path or teacher_path)
     teacher = load_teacher(teacher_path, sig.sigma_data, device)
     images, labels, shard_hashes = train_images_for_teacher(teacher_classes, manifest_path, teacher_path)
     log.info("cd: %d training images, the teacher's Heun pairs made in each step (online); the student "
@@ -211,26 +154,14 @@ def cd_online_setup(d, sig: Sigmas, class_conditional: bool, device, metric, par
         return cd_loss_online(student.with_labels(y), target.with_labels(y), teacher.with_labels(y),
                               x.to(device), n.to(device), z.to(device), sig, metric, d.weighting)
 
-    return TrainingSetup(student, unet, loss_at, [shard_hashes, sha256_file(teacher_path)])
-
-
-def with_dropout(net: torch.nn.Module, unet: dict, p: float) -> tuple[torch.nn.Module, dict]:
-    """The teacher's network with the student's own dropout `p` (distill.dropout; the official CD
-    runs distil a teacher trained with dropout 0.1 into a student with 0): same weights, and the
-    configuration saved with the student says `p`."""
-    if float(unet.get("dropout", 0.0)) == float(p):
-        return net, unet
-    unet = dict(unet, dropout=float(p))
-    student_net = build_unet(unet)
-    student_net.load_state_dict(net.state_dict())
-    return student_net, unet
+    return TrainingSetup(student, unet, loss_at, [shard_hashes, sha256_file(teacher_path), init_hash(init_path)])
 
 
 def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric, part: slice | None = None,
-             manifest_path: Path = MANIFEST) -> TrainingSetup:
+             manifest_path: Path = MANIFEST, init_path: Path | None = None) -> TrainingSetup:
     """CT from the training images alone: the student starts from random weights (the architecture
-    of params `model`, the dropout of distill.dropout, seeded by distill.seed) and step k uses the
-    N(k)-point grid of `sched`.
+    of params `model`, the dropout of distill.dropout, seeded by distill.seed), or from the model at
+    `init_path` (distill.init = midtrain), and step k uses the N(k)-point grid of `sched`.
 
     Under torchrun the noise and pair indices are drawn for the global batch, and this rank
     keeps its rows (`part`): the loss does not depend on the world size.
@@ -239,13 +170,17 @@ def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric, pa
     c, h, _ = manifest["shape"]
     images, labels = load_image_split(manifest_path, role="train")
     num_classes = model_num_classes(model_params.class_conditional, manifest["class_names"])
-    cfg_unet = unet_config(model_params.block_out_channels, model_params.layers_per_block,
-                           model_params.attention_levels, d.dropout, h, c, num_classes)
-    torch.manual_seed(d.seed)  # the initial weights
-    student = ConsistencyFunction(build_unet(cfg_unet), sig.sigma_data, sig.sigma_min).to(device)
-    log.info("ct: %d training images, a %.2fM-parameter student from random weights; N(k) %d -> %d, "
-             "mu(k) %.4f -> %.4f", len(images), count_parameters(student) / 1e6, sched.N(0),
-             sched.N(sched.K), sched.mu_at(0), sched.mu_at(sched.K))
+    if init_path is None:
+        cfg_unet = unet_config(model_params.block_out_channels, model_params.layers_per_block,
+                               model_params.attention_levels, d.dropout, h, c, num_classes)
+        torch.manual_seed(d.seed)  # the initial weights
+        student = ConsistencyFunction(build_unet(cfg_unet), sig.sigma_data, sig.sigma_min).to(device)
+    else:
+        student, cfg_unet, _ = student_of_teacher(sig, model_params.class_conditional, device, d.dropout, d.seed,
+                                                  init_path)
+    log.info("ct: %d training images, a %.2fM-parameter student from %s; N(k) %d -> %d, "
+             "mu(k) %.4f -> %.4f", len(images), count_parameters(student) / 1e6, init_path or "random weights",
+             sched.N(0), sched.N(sched.K), sched.mu_at(0), sched.mu_at(sched.K))
     sampler = EpochSampler(len(images), d.batch_size, d.seed)
 
     def loss_at(step, g, target):
@@ -260,11 +195,12 @@ def ct_setup(d, sig: Sigmas, model_params, sched: CTSchedule, device, metric, pa
         return ct_loss(student.with_labels(y), target.with_labels(y), x.to(device), z.to(device), n, sigmas,
                        metric, d.weighting)
 
-    return TrainingSetup(student, cfg_unet, loss_at, train_shard_hashes(manifest))
+    return TrainingSetup(student, cfg_unet, loss_at, [train_shard_hashes(manifest), init_hash(init_path)])
 
 
 def ect_setup(d, sig: Sigmas, class_conditional: bool, steps: int, device, part: slice | None = None,
-              manifest_path: Path = MANIFEST, teacher_path: Path = TEACHER) -> TrainingSetup:
+              manifest_path: Path = MANIFEST, teacher_path: Path = TEACHER,
+              init_path: Path | None = None) -> TrainingSetup:
     """ECT (Geng et al. 2025): the student starts from the teacher's EMA as in CD (dropout
     `distill.dropout`) and learns from the training images as CT, with
     no ODE solver and no target EMA: ln t ~ N(ect_P_mean, ect_P_std^2), r = ect_r(t, stage) with
@@ -279,11 +215,11 @@ def ect_setup(d, sig: Sigmas, class_conditional: bool, steps: int, device, part:
         raise ParamsError(f"distill.ect_q = {d.ect_q} over {last + 1} stages (distill.images / "
                           f"distill.ect_stage_images) shrinks t - r below t / 2^20, which float32 cannot "
                           f"resolve: raise distill.ect_stage_images or lower distill.ect_q")
-    student, unet, classes = student_of_teacher(sig, class_conditional, device, d.dropout, d.seed, teacher_path,
-                                                ECTConsistencyFunction)
+    student, unet, classes = student_of_teacher(sig, class_conditional, device, d.dropout, d.seed,
+                                                init_path or teacher_path, ECTConsistencyFunction)
     images, labels, shard_hashes = train_images_for_teacher(classes, manifest_path, teacher_path)
-    log.info("ect: %d training images, the student starts from the teacher's EMA (dropout %s); %d "
-             "stage(s) of %d steps, q = %g, mapping %s", len(images), unet.get("dropout"), last + 1,
+    log.info("ect: %d training images, the student starts from %s's EMA (dropout %s); %d stage(s) of %d steps, "
+             "q = %g, mapping %s", len(images), init_path or teacher_path, unet.get("dropout"), last + 1,
              stage_steps, d.ect_q, d.ect_mapping)
     sampler = EpochSampler(len(images), d.batch_size, d.seed)
 
@@ -299,4 +235,4 @@ def ect_setup(d, sig: Sigmas, class_conditional: bool, steps: int, device, part:
         return ect_loss(student.with_labels(y), x.to(device), z.to(device), t.to(device), r.to(device),
                         d.ect_huber_c)
 
-    return TrainingSetup(student, unet, loss_at, [shard_hashes, sha256_file(teacher_path)])
+    return TrainingSetup(student, unet, loss_at, [shard_hashes, sha256_file(teacher_path), init_hash(init_path)])
