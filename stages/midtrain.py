@@ -3,7 +3,7 @@
     python -m stages.midtrain
 
 Reads params `midtrain`, trajectories.nfe, `diffusion`, `model`, `accel` and distill.init; inputs
-data/teacher/model.pt and data/trajectories/whole (the cache of whole teacher trajectories, with
+data/teacher/model.pt and data/whole_trajectories (the cache of whole teacher trajectories, with
 midtrain.pairs cache). The student starts from the teacher's EMA under the consistency function's
 boundary scalings and regresses every point of a teacher trajectory onto its clean end
 (pipeline.setups.midtrain); midtrain.images counts trajectory points. Outputs

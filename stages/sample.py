@@ -62,7 +62,7 @@ def main():
     except ValueError as e:
         raise params.ParamsError(f"sample.class_label: {e}") from None
     # How the consistency model was made, carried into the reports' table.
-    made_by = {k: ckpt["meta"][k] for k in ("mode", "metric", "weighting") if k in ckpt["meta"]}
+    made_by = {k: ckpt["meta"][k] for k in ("init", "mode", "metric", "weighting") if k in ckpt["meta"]}
     search = search_cm_ts(sets, s, sig, f, shape, device, FID_REF, search_labels, dist, parts_dir=OUT)
     for info in sets.values():
         if info["kind"] == "cm":

@@ -3,12 +3,13 @@
     python -m stages.trajectories
 
 Reads params `trajectories`, `diffusion` and distill.{mode, pairs, init}; inputs data/shards and
-data/teacher/model.pt; outputs data/trajectories/ and reports/trajectories.json (pairs/s,
-trajectories/s, points/s). Two caches (pipeline.trajectory_cache): CD's Heun pairs (shards of
-key, n, x_n, x_hat_{n+1}, and cache.json), when distill.mode is cd and distill.pairs cache; and
-under whole/ the teacher's whole DPM-Solver++(2M) trajectories of trajectories.nfe steps on the
-logSNR-uniform grid (every point, its sigma, the clean end), when distill.init is midtrain. A
-cache nobody reads is an empty cache.json that says why.
+data/teacher/model.pt; outputs two caches (pipeline.trajectory_cache) and reports/trajectories.json
+(pairs/s, trajectories/s, points/s): data/trajectories, CD's Heun pairs (shards of key, n, x_n,
+x_hat_{n+1}, and cache.json), when distill.mode is cd and distill.pairs cache; and
+data/whole_trajectories, the teacher's whole DPM-Solver++(2M) trajectories of trajectories.nfe
+steps on the logSNR-uniform grid (every point, its sigma, the clean end), when distill.init is
+midtrain. A cache nobody reads is an empty cache.json that says why; two outputs, so that a change
+of one cache re-runs only its reader.
 """
 from __future__ import annotations
 

@@ -96,8 +96,8 @@ def _weights(path: Path) -> dict:
 
 # Outputs that hold wall-clock measurements (throughput curves, seconds per image); every other
 # output of two fresh runs must hash the same.
-TIMED_OUTPUTS = {"reports/teacher", "reports/distill", "reports/trajectories.json", "reports/sample_timing.json",
-                 "reports/summary.md"}
+TIMED_OUTPUTS = {"reports/teacher", "reports/midtrain", "reports/distill", "reports/trajectories.json",
+                 "reports/sample_timing.json", "reports/summary.md"}
 
 
 def _output_hashes(lock_text: str) -> dict:
@@ -131,8 +131,8 @@ def test_class_conditional_model_reruns_from_the_teacher_with_one_row_per_class(
     repo, env, _ = smoke_repo
     r = run(["dvc", "exp", "run", "-S", "model.class_conditional=true", "-n", "conditional"], repo, env)
     out = r.stdout + r.stderr
-    assert ran_stages(out) == {"teacher", "trajectories", "distill", "sample", "evaluate", "edit",
-                               "report"}, out[-3000:]
+    assert ran_stages(out) == {"teacher", "trajectories", "midtrain", "distill", "sample", "copy_check", "evaluate",
+                               "edit", "report"}, out[-3000:]
     assert "conditioned on 10 classes" in out
     sets = json.loads((repo / "data/samples/sets.json").read_text())
     assert sets["cm_nfe1"]["classes"] == 10
@@ -148,15 +148,17 @@ def test_class_conditional_model_reruns_from_the_teacher_with_one_row_per_class(
 
 
 def test_two_queued_experiments_run_in_parallel_and_show_up(smoke_repo):
-    """Two queued experiments with two workers: Easy Consistency Tuning (mode ect: the teacher's
-    weights and the images, no cache) at another lr, and improved consistency training with LPIPS
-    (mode ct: no teacher, no cache, iCT's schedule, weighting and noise distribution)."""
+    """Two queued experiments with two workers, both post-training the mid-trained model (the smoke
+    params' distill.init): Easy Consistency Tuning (mode ect: the images, no pair cache) at another lr
+    after mid-training on online trajectories, and improved consistency training with LPIPS (mode
+    ct: no pair cache, iCT's schedule, weighting and noise distribution) after the cached one."""
     import time
 
     repo, env, _ = smoke_repo
     ict = ["distill.mode=ct", "distill.ct_num_scales=ict", "distill.mu_schedule=fixed", "distill.mu=0",
            "distill.weighting=ict", "distill.ct_index=lognormal", "distill.metric=lpips"]
-    for name, keys in (("queued-ect", ["distill.mode=ect", "distill.lr=0.0004"]), ("ict-lpips", ict)):
+    ect = ["distill.mode=ect", "distill.lr=0.0004", "midtrain.pairs=online"]
+    for name, keys in (("queued-ect", ect), ("ict-lpips", ict)):
         run(["dvc", "exp", "run", "--queue", "-n", name] + [a for k in keys for a in ("-S", k)], repo, env)
     run(["dvc", "queue", "start", "-j", "2"], repo, env)
     deadline, status = time.time() + 900, ""
@@ -171,14 +173,18 @@ def test_two_queued_experiments_run_in_parallel_and_show_up(smoke_repo):
     rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(show))}  # list params are quoted cells
     assert rows["queued-ect"]["distill.lr"] == "0.0004" and rows["queued-ect"]["distill.mode"] == "ect"
     assert rows["ict-lpips"]["distill.mode"] == "ct" and rows["ict-lpips"]["distill.metric"] == "lpips"
-    for name in ("queued-ect", "ict-lpips"):
+    after = {"trajectories", "distill", "sample", "copy_check", "evaluate", "edit", "report"}
+    for name, ran in (("queued-ect", after | {"midtrain"}), ("ict-lpips", after)):
         assert math.isfinite(float(rows[name]["fid.cm_nfe1"]))
         out = run(["dvc", "queue", "logs", name], repo, env).stdout
-        # no teacher and no cache to make: trajectories only writes the empty cache that says why
-        assert ran_stages(out) == {"trajectories", "distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
+        # no pairs to make: trajectories writes the empty pair cache that says why, and the same whole
+        # trajectories, so midtrain re-runs only on its own key
+        assert ran_stages(out) == ran, out[-3000:]
+    assert "fresh trajectories of 4 points a step, by the teacher (online)" in run(
+        ["dvc", "queue", "logs", "queued-ect"], repo, env).stdout
     run(["dvc", "exp", "apply", "ict-lpips"], repo, env)
     assert all(math.isfinite(v) for v in read_metrics(repo)["fid"].values())
-    assert "| ct lpips (ict weighting)" in (repo / "reports/summary.md").read_text()
+    assert "| midtrain → ct lpips (ict weighting)" in (repo / "reports/summary.md").read_text()
 
 
 def test_a_sample_key_reruns_sampling_only(smoke_repo):
@@ -186,7 +192,7 @@ def test_a_sample_key_reruns_sampling_only(smoke_repo):
     r = run(["dvc", "exp", "run", "-S", "sample.steps=[1,2,3]", "-S", "sample.search_ts=true",
              "-n", "three-steps"], repo, env)
     out = r.stdout + r.stderr
-    assert ran_stages(out) == {"sample", "evaluate", "report"}, out[-3000:]
+    assert ran_stages(out) == {"sample", "copy_check", "evaluate", "report"}, out[-3000:]
     assert "cm_nfe3" in read_metrics(repo)["fid"]
     search = json.loads((repo / "reports/ts_search.json").read_text())
     assert set(search["chosen"]) == {"2", "3"}
@@ -206,7 +212,8 @@ def test_exp_run_of_a_distill_key_reruns_distill_and_after_only(smoke_repo):
             repo, env)
     out = r.stdout + r.stderr
     # trajectories re-runs on distill.pairs only to leave an empty cache that says why
-    assert ran_stages(out) == {"trajectories", "distill", "sample", "evaluate", "edit", "report"}, out[-3000:]
+    assert ran_stages(out) == {"trajectories", "distill", "sample", "copy_check", "evaluate", "edit",
+                               "report"}, out[-3000:]
     assert "Heun pairs made in each step (online)" in out
     assert json.loads((repo / "data/trajectories/cache.json").read_text())["unused"] == "distill.pairs is online"
     m = read_metrics(repo)
@@ -257,12 +264,14 @@ def test_kill_9_mid_run_then_repro_resumes_from_the_checkpoint(smoke_repo, stage
 
 def test_torchrun_with_two_processes_gives_the_one_process_cache_and_trains(smoke_repo):
     repo, env, _ = smoke_repo
-    before = json.loads((repo / "data/trajectories/cache.json").read_text())
+    caches = ("data/trajectories/cache.json", "data/whole_trajectories/cache.json")
+    before = [json.loads((repo / c).read_text()) for c in caches]
     _set_params(repo, dist__nproc_per_node=2)
     r = run([sys.executable, "-m", "cmpipe.pipeline.launch", "stages.trajectories"], repo, env)
     assert "torch.distributed.run --nproc_per_node=2" in r.stderr
-    after = json.loads((repo / "data/trajectories/cache.json").read_text())
-    assert [s["sha256"] for s in after["shards"]] == [s["sha256"] for s in before["shards"]]
+    for c, b in zip(caches, before):  # the pairs and the whole trajectories, as one process made them
+        after = json.loads((repo / c).read_text())
+        assert b["shards"] and [s["sha256"] for s in after["shards"]] == [s["sha256"] for s in b["shards"]]
     assert json.loads((repo / "reports/trajectories.json").read_text())["processes"] == 2
     # distill (DDP, gloo) and sample (item-parallel) through dvc, as a user would run them
     r = run(["dvc", "repro", "-s", "distill", "sample"], repo, env)
@@ -275,8 +284,8 @@ def test_torchrun_with_two_processes_gives_the_one_process_cache_and_trains(smok
 
 def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
     repo, env, out = smoke_repo
-    assert ran_stages(out) == {"shard", "fid_ref", "teacher", "trajectories", "distill", "sample",
-                               "evaluate", "edit", "report"}
+    assert ran_stages(out) == {"shard", "fid_ref", "teacher", "trajectories", "midtrain", "distill", "sample",
+                               "copy_check", "evaluate", "edit", "report"}
     m = read_metrics(repo)
     names = {"cm_nfe1", "cm_nfe2", "teacher_heun_nfe7", "teacher_euler_nfe1", "teacher_euler_nfe2", "teacher_dpm_nfe2"}
     assert set(m["fid"]) == names and set(m["kid"]) == names
@@ -286,11 +295,16 @@ def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
     summary = (repo / "reports/summary.md").read_text()
     assert "cm_nfe1" in summary and "![cm_nfe1](samples/cm_nfe1.png)" in summary
     assert "## Teacher NFE to match the consistency model" in summary
-    for png in ["reports/teacher/samples.png", "reports/distill/samples.png", "reports/samples/cm_nfe1.png"]:
+    for png in ["reports/teacher/samples.png", "reports/midtrain/samples.png", "reports/distill/samples.png",
+                "reports/samples/cm_nfe1.png"]:
         assert (repo / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # dvclive curves of both training stages
-    assert (repo / "reports/teacher/plots/metrics/loss.tsv").exists()
-    assert (repo / "reports/distill/plots/metrics/loss.tsv").exists()
+    # dvclive curves of the three training stages, by optimizer step (teacher: 512 images of 32)
+    for stage in ("teacher", "midtrain", "distill"):
+        assert (repo / f"reports/{stage}/plots/metrics/loss.tsv").exists()
+    assert json.loads((repo / "reports/teacher/metrics.json").read_text())["step"] == 16
+    copies = json.loads((repo / "reports/copy_check.json").read_text())
+    assert set(copies["sets"]) == {"cm_nfe1", "teacher_heun_nfe7"}
+    assert set(copies["sets"]["cm_nfe1"]) == {"cached_ends", "training_images"}
     edit = json.loads((repo / "reports/edit/metrics.json").read_text())
     for task in ("inpainting", "super_resolution"):
         assert all(math.isfinite(edit[task][k]) for k in ("psnr", "lpips", "baseline_psnr", "baseline_lpips"))
@@ -299,3 +313,11 @@ def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
         assert (repo / f"reports/edit/{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     status = run(["dvc", "status"], repo, env).stdout
     assert "up to date" in status
+    # The scope of a key: a midtrain key changes midtrain alone (what follows re-runs on its new
+    # output), the trajectories' NFE the cache and midtrain, nothing before them.
+    for changes, stages in (({"midtrain__lr": 0.0003}, {"midtrain"}),
+                            ({"trajectories__nfe": 2}, {"trajectories", "midtrain"})):
+        _set_params(repo, **changes)
+        status = run(["dvc", "status", "--json"], repo, env).stdout
+        assert set(json.loads(status)) == stages, status
+        run(["git", "checkout", "params.yaml"], repo, env)

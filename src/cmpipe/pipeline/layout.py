@@ -15,7 +15,7 @@ TEACHER = Path("data/teacher/model.pt")
 TEACHER_REPORT = Path("reports/teacher")
 
 TRAJECTORIES = Path("data/trajectories")  # CD's Heun pairs: shards/ and cache.json
-WHOLE_TRAJECTORIES = TRAJECTORIES / "whole"  # midtrain's whole DPM-Solver++ trajectories: shards/, cache.json
+WHOLE_TRAJECTORIES = Path("data/whole_trajectories")  # midtrain's whole DPM-Solver++ trajectories: shards/, cache.json
 TRAJECTORIES_REPORT = Path("reports/trajectories.json")
 
 MIDTRAIN = Path("data/midtrain/model.pt")

@@ -17,6 +17,8 @@ def results_table(metrics: dict, sets: dict) -> pd.DataFrame:
         model = " ".join(made_by.get(k, "") for k in ("mode", "metric")).strip()
         if made_by.get("weighting", "uniform") != "uniform":
             model += f" ({made_by['weighting']} weighting)"
+        if made_by.get("init") == "midtrain":  # post-trained from the mid-trained model
+            model = f"midtrain → {model}"
         rows.append({"set": name, "sampler": info["kind"], "model": model or "teacher", "NFE": info["nfe"],
                      "ts": " ".join(map(str, info.get("ts", []))) + (" (searched)" if info.get("ts_searched") else ""),
                      "FID": metrics.get("fid", {}).get(name), "KID": metrics.get("kid", {}).get(name),
