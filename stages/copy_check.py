@@ -37,7 +37,7 @@ def main():
     if not cache.get("unused"):
         ends = load_trajectories([s["path"] for s in cache["shards"]], (c, h, w))[2]
         references["cached_ends"] = (ends, "NCHW")
-    report = {"distance": "per-pixel RMS in [-1, 1] to the nearest reference image", "sets": {},
+    report = {"distance": "per-pixel RMS in [-1, 1]", "sets": {},
               "references": {k: len(v[0]) for k, v in references.items()},
               "no_cache": cache.get("unused")}
     for name in checked:

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from cmpipe.errors import InputError
 from cmpipe.pipeline.layout import (
+    COPY_CHECK,
     DISTILL_EMA_SELECTION,
     DISTILL_REPORT,
     METRICS,
+    MIDTRAIN_REPORT,
     SAMPLE_GRIDS,
     SAMPLE_SETS,
     SAMPLE_TIMING,
@@ -44,11 +46,14 @@ def main():
         raise InputError(f"{METRICS} or {SAMPLE_SETS} is missing: run `dvc repro evaluate` first")
     extras = {"teacher training (last logged)": _read(TEACHER_REPORT / "metrics.json"),
               "teacher evaluation EMA (held-out FID after the last step)": _read(TEACHER_EMA_SELECTION),
+              "mid-training (last logged)": _read(MIDTRAIN_REPORT / "metrics.json"),
+              "mid-trained evaluation EMA (held-out one-step FID after the last step)":
+                  _read(MIDTRAIN_REPORT / "ema_selection.json"),
               "distillation (last logged)": _read(DISTILL_REPORT / "metrics.json"),
               "consistency model evaluation EMA (held-out one-step FID after the last step)":
                   _read(DISTILL_EMA_SELECTION),
               "trajectory cache": _read(TRAJECTORIES_REPORT)}
-    text = summary_markdown(metrics, sets, extras, SAMPLE_GRIDS, REPORTS)
+    text = summary_markdown(metrics, sets, extras, SAMPLE_GRIDS, REPORTS, _read(COPY_CHECK))
     atomic_write_text(SUMMARY, text)
     print(text)
 

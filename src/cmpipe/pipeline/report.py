@@ -79,6 +79,26 @@ def match_markdown(matches: list[dict]) -> list[str]:
              "evaluated NFE."), "", pd.DataFrame(rows).to_markdown(index=False), ""]
 
 
+def copy_check_markdown(check: dict) -> list[str]:
+    """The summary's section on the copy check (stage copy_check): each checked set's median distance
+    to its nearest reference, and the consistency model's medians over the teacher's."""
+    if not check.get("sets"):
+        return []
+    refs = {"cached_ends": "nearest cached clean end", "training_images": "nearest training image"}
+    rows = [{"set": name, **{f"{label} (median)": f"{v[ref]['median']:.4f}" if ref in v else "-"
+                             for ref, label in refs.items()}} for name, v in check["sets"].items()]
+    lines = ["## Copy check", "", (f"Distance of each sample to its nearest reference image ({check['distance']}): a "
+                                   "one-step model that copied what it was trained on would stand much nearer "
+                                   "to it than the teacher's own samples do."
+                                   + (f" No cache of whole trajectories ({check['no_cache']})." if check.get("no_cache")
+                                      else "")), "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    ratio = check.get("ratio_to_teacher")
+    if ratio:
+        lines += ["Consistency model's median over the teacher's (" + ratio["against"] + "): " + ", ".join(
+            f"{refs[r]} {v:.3f}" for r, v in ratio.items() if r in refs) + ".", ""]
+    return lines
+
+
 def flat(d: dict, prefix: str = "") -> dict:
     """{"a": {"b": 1}} -> {"a.b": 1}: nested JSON (dvclive's "heldout_fid/ema_0.99") as one line."""
     out = {}
@@ -90,7 +110,8 @@ def flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def summary_markdown(metrics: dict, sets: dict, extras: dict, grids_dir: Path, root: Path) -> str:
+def summary_markdown(metrics: dict, sets: dict, extras: dict, grids_dir: Path, root: Path,
+                     copy_check: dict | None = None) -> str:
     table = results_table(metrics, sets)
     proto = metrics.get("protocol", {})
     lines = ["# Results", "",
@@ -100,6 +121,7 @@ def summary_markdown(metrics: dict, sets: dict, extras: dict, grids_dir: Path, r
              "is biased upward: compare sets of equal size only.", "",
              table.to_markdown(index=False, floatfmt=".4g"), ""]
     lines += match_markdown(teacher_nfe_to_match(table))
+    lines += copy_check_markdown(copy_check or {})
     for title, d in extras.items():
         if d:
             lines += [f"**{title}**: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
