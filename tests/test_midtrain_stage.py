@@ -175,3 +175,20 @@ def test_who_reads_which_cache():
     assert pairs_unused_because(d) is None and whole_unused_because(d) == "distill.init is teacher"
     d = SimpleNamespace(mode="ect", pairs="cache", init="midtrain")
     assert pairs_unused_because(d) == "distill.mode is ect" and whole_unused_because(d) is None
+
+
+def test_the_summary_shows_the_copy_check():
+    from cmpipe.pipeline.report import copy_check_markdown
+
+    check = {"distance": "per-pixel RMS in [-1, 1]", "no_cache": None,
+             "sets": {"cm_nfe1": {"cached_ends": {"median": 0.25}, "training_images": {"median": 0.2}},
+                      "teacher_heun_nfe35": {"cached_ends": {"median": 0.5}, "training_images": {"median": 0.4}}},
+             "ratio_to_teacher": {"against": "teacher_heun_nfe35", "cached_ends": 0.5, "training_images": 0.5}}
+    text = "\n".join(copy_check_markdown(check))
+    assert "| cm_nfe1 " in text and "0.2500" in text and "0.4000" in text
+    assert "(teacher_heun_nfe35): nearest cached clean end 0.500, nearest training image 0.500." in text
+    no_cache = dict(check, no_cache="distill.init is teacher",
+                    sets={"cm_nfe1": {"training_images": {"median": 0.2}}}, ratio_to_teacher=None)
+    text = "\n".join(copy_check_markdown(no_cache))
+    assert "No cache of whole trajectories (distill.init is teacher)." in text and "| -" in text
+    assert copy_check_markdown({}) == []

@@ -85,13 +85,14 @@ def copy_check_markdown(check: dict) -> list[str]:
     if not check.get("sets"):
         return []
     refs = {"cached_ends": "nearest cached clean end", "training_images": "nearest training image"}
-    rows = [{"set": name, **{f"{label} (median)": f"{v[ref]['median']:.4f}" if ref in v else "-"
+    rows = [{"set": name, **{f"{label} (median)": v[ref]["median"] if ref in v else None
                              for ref, label in refs.items()}} for name, v in check["sets"].items()]
     lines = ["## Copy check", "", (f"Distance of each sample to its nearest reference image ({check['distance']}): a "
                                    "one-step model that copied what it was trained on would stand much nearer "
                                    "to it than the teacher's own samples do."
                                    + (f" No cache of whole trajectories ({check['no_cache']})." if check.get("no_cache")
-                                      else "")), "", pd.DataFrame(rows).to_markdown(index=False), ""]
+                                      else "")), "",
+             pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f", missingval="-"), ""]
     ratio = check.get("ratio_to_teacher")
     if ratio:
         lines += ["Consistency model's median over the teacher's (" + ratio["against"] + "): " + ", ".join(
