@@ -5,7 +5,7 @@
 A cache reuses each teacher trajectory's clean end many times, and a one-step model that learned
 to copy those ends would score a fine FID and be worthless. For the consistency model's 1-step set
 and, as the yardstick, the teacher's Heun sets, this stage gives the distance of every sample to
-its nearest cached clean end (data/whole_trajectories, when midtrain read a cache) and to its
+its nearest cached clean end (data/whole_trajectories, made when distill.init is midtrain) and to its
 nearest training image (data/shards): per-pixel RMS in [-1, 1] (metrics.copy_check), summarised
 by median, mean, 10th percentile and minimum. Output reports/copy_check.json, with each
 reference's ratio of the consistency model's median to the teacher's (below 1: nearer than the

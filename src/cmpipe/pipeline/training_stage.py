@@ -1,4 +1,4 @@
-"""The skeleton of a training stage (teacher, distill): what every one of them does around its own
+"""The skeleton of a training stage (teacher, midtrain, distill): what every one of them does around its own
 setup (pipeline.setups), so that a stage is its params, its setup and its meta.
 
 Before any work, `check` refuses what would fail late (a decay listed twice, held-out scoring
