@@ -12,11 +12,12 @@ its shards with their sha256, which the readers check.
 from __future__ import annotations
 
 import collections
+import json
 import time
 from pathlib import Path
 
 from cmpipe.cm.karras import Sigmas, logsnr_sigmas
-from cmpipe.data import write_shards
+from cmpipe.data import ShardError, write_shards
 from cmpipe.util.fileio import atomic_write_json
 from cmpipe.util.hashing import sha256_file
 
@@ -61,3 +62,16 @@ def write_cache(out: Path, records, count: int, per_shard: int, prefix: str, dis
     atomic_write_json(Path(out) / "cache.json", {
         "count": count, **about, "shards": [{"path": str(s), "sha256": sha256_file(s)} for s in shards]})
     return {"count": count, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def read_cache(cache_dir: Path, holds: str, needs: str) -> dict:
+    """cache.json of a cache, refused when it is missing or was written as unused (`holds`: what the
+    reader wanted; `needs`: the params that make the stage write it)."""
+    cache_file = Path(cache_dir) / "cache.json"
+    if not cache_file.exists():
+        raise ShardError(f"{cache_file} not found: run `dvc repro trajectories` first")
+    cache = json.loads(cache_file.read_text())
+    if cache.get("unused"):
+        raise ShardError(f"{cache_file} holds no {holds}: the trajectories stage ran while {cache['unused']}; run "
+                         f"`dvc repro trajectories` with {needs}")
+    return cache

@@ -3,7 +3,6 @@ CT from the training images (Algorithm 3), and ECT (Geng et al. 2025) from the t
 student starts from `distill.init` (the teacher, or the mid-trained model)."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -22,6 +21,7 @@ from cmpipe.models.teachers import load_teacher
 from cmpipe.pipeline.config import ct_schedule_from, resolve_metric
 from cmpipe.pipeline.layout import MANIFEST, MIDTRAIN, TEACHER, TRAJECTORIES
 from cmpipe.pipeline.setups import TrainingSetup, student_of_teacher, train_images_for_teacher, train_shard_hashes
+from cmpipe.pipeline.trajectory_cache import read_cache
 from cmpipe.training.loop import EpochSampler
 from cmpipe.training.trajectories import load_pairs
 from cmpipe.util.hashing import sha256_file
@@ -92,13 +92,7 @@ def cd_setup(d, sig: Sigmas, class_conditional: bool, device, metric, part: slic
     if d.pairs == "online":
         return cd_online_setup(d, sig, class_conditional, device, metric, part, manifest_path, teacher_path,
                                init_path)
-    cache_file = Path(cache_dir) / "cache.json"
-    if not cache_file.exists():
-        raise ShardError(f"{cache_file} not found: run `dvc repro trajectories` first")
-    cache = json.loads(cache_file.read_text())
-    if cache.get("unused"):
-        raise ShardError(f"{cache_file} holds no pairs: the trajectories stage ran while {cache['unused']}; run "
-                         f"`dvc repro trajectories` with distill.mode cd and distill.pairs cache")
+    cache = read_cache(cache_dir, "pairs", "distill.mode cd and distill.pairs cache")
     if cache["num_scales"] != sig.num_scales:
         raise ShardError(f"the trajectory cache was made on a {cache['num_scales']}-point grid but "
                          f"diffusion.num_scales = {sig.num_scales}; run `dvc repro trajectories`")

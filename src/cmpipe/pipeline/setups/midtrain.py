@@ -9,7 +9,6 @@ inside the step (online: fresh noise every step, as the reference does).
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from cmpipe.models.teachers import load_teacher
 from cmpipe.pipeline.config import resolve_metric
 from cmpipe.pipeline.layout import TEACHER, WHOLE_TRAJECTORIES
 from cmpipe.pipeline.setups import TrainingSetup, student_of_teacher
-from cmpipe.pipeline.trajectory_cache import midtrain_grid
+from cmpipe.pipeline.trajectory_cache import midtrain_grid, read_cache
 from cmpipe.sampling.dpm_solver import dpm_solver_trajectory
 from cmpipe.training.loop import EpochSampler
 from cmpipe.training.trajectories import load_trajectories
@@ -93,13 +92,7 @@ def midtrain_setup(m, nfe: int, sig: Sigmas, class_conditional: bool, shape, dev
 def read_whole_cache(cache_dir: Path, nfe: int, grid: torch.Tensor, teacher_path: Path) -> dict:
     """cache.json of the whole-trajectory cache, checked against the params and the teacher
     before anything is loaded."""
-    cache_file = Path(cache_dir) / "cache.json"
-    if not cache_file.exists():
-        raise ShardError(f"{cache_file} not found: run `dvc repro trajectories` first")
-    cache = json.loads(cache_file.read_text())
-    if cache.get("unused"):
-        raise ShardError(f"{cache_file} holds no trajectories: the trajectories stage ran while {cache['unused']}; "
-                         f"run `dvc repro trajectories` with distill.init midtrain")
+    cache = read_cache(cache_dir, "trajectories", "distill.init midtrain")
     if cache.get("nfe") != nfe or not torch.allclose(torch.tensor(cache["grid"]), grid):
         raise ShardError(f"the trajectory cache {cache_dir} holds {cache.get('nfe')}-step trajectories, "
                          f"trajectories.nfe = {nfe}; run `dvc repro trajectories`")
