@@ -142,7 +142,6 @@ class Checkpoint:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["opt"])
             averages.load_state_dict(ckpt["emas"])
-            log.info("%s: resuming from %s at step %d", self.name, self.path, int(ckpt["step"]))
             return int(ckpt["step"]), list(json.loads(ckpt["history"]))
         log.info("%s: ignoring %s (made with other settings, inputs or code)", self.name, self.path)
         barrier(self.dist)  # every rank has read it before rank 0 removes it
@@ -214,6 +213,8 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, averages: Average
     """
     opt = make_optimizer(model, cfg)
     start, history = checkpoint.restore(model, opt, averages)
+    if start:
+        log.info("%s: resuming from %s at step %d/%d", cfg.name, checkpoint.path, start, cfg.steps)
     accel.to_layout(model)
     wrap_ddp(model, dist)
     accel.compile_net(model)
