@@ -171,10 +171,12 @@ def test_params_errors_of_the_new_keys_are_one_line():
 
 
 def test_who_reads_which_cache():
-    d = SimpleNamespace(mode="cd", pairs="cache", init="teacher")
+    d = SimpleNamespace(mode="cd", pairs="cache", init="teacher", images=64)
     assert pairs_unused_because(d) is None and whole_unused_because(d) == "distill.init is teacher"
-    d = SimpleNamespace(mode="ect", pairs="cache", init="midtrain")
+    d = SimpleNamespace(mode="ect", pairs="cache", init="midtrain", images=64)
     assert pairs_unused_because(d) == "distill.mode is ect" and whole_unused_because(d) is None
+    d = SimpleNamespace(mode="cd", pairs="cache", init="midtrain", images=0)  # midtrain alone: no pairs
+    assert pairs_unused_because(d) == "distill.images is 0 (no post-training)" and whole_unused_because(d) is None
 
 
 def test_the_summary_shows_the_copy_check():

@@ -24,6 +24,8 @@ from cmpipe.util.hashing import sha256_file
 
 def pairs_unused_because(d) -> str | None:
     """Why distill will not read Heun pairs (params `distill`), or None when it will."""
+    if d.images == 0:
+        return "distill.images is 0 (no post-training)"
     if d.mode != "cd":
         return f"distill.mode is {d.mode}"
     if d.pairs != "cache":
