@@ -2,7 +2,7 @@
 
     python -m stages.trajectories
 
-Reads params `trajectories`, `diffusion` and distill.{mode, pairs, init}; inputs data/shards and
+Reads params `trajectories`, `diffusion` and distill.{mode, pairs, init, images}; inputs data/shards and
 data/teacher/model.pt; outputs two caches (pipeline.trajectory_cache) and reports/trajectories.json
 (pairs/s, trajectories/s, points/s): data/trajectories, CD's Heun pairs (shards of key, n, x_n,
 x_hat_{n+1}, and cache.json), when distill.mode is cd and distill.pairs cache; and

@@ -67,6 +67,20 @@ def test_the_given_ts_stays_unless_the_search_beats_it_with_confidence():
     assert search_ts(toy, 3, 18, "ternary", start=start)[0] == {2: [0, 8], 3: [0, 8, 12]}  # default: lower wins
 
 
+def test_beats_compares_a_given_ts_the_search_never_visited():
+    """`beats` reads the samples of both ts: the given one is evaluated even when the ternary
+    search's path never reached it (a 2-step given [0, 16] on a minimum at index 3)."""
+    seen_by_beats = []
+
+    def toy(ts):
+        return abs(ts[1] - 3)
+
+    chosen, seen = search_ts(toy, 2, 18, "ternary", start={2: [0, 16]},
+                             beats=lambda a, b: seen_by_beats.append((a, b)) or True)
+    assert seen_by_beats == [([0, 3], [0, 16])] and "0,16" in seen
+    assert chosen == {2: [0, 3]}
+
+
 def test_fid_of_few_samples_equals_the_full_formula():
     import numpy as np
 

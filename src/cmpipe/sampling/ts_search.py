@@ -85,6 +85,7 @@ def search_ts(objective: Callable[[list[int]], float], max_steps: int, num_scale
         chosen[steps] = best
     for steps, given in (start or {}).items():
         if steps in chosen and len(given) == steps and chosen[steps] != list(given):
+            value(list(given))  # the search may not have visited it; `beats` compares the samples of both
             better = beats(chosen[steps], list(given)) if beats else value(chosen[steps]) < value(list(given))
             if not better:
                 chosen[steps] = list(given)
