@@ -12,7 +12,7 @@ from conftest import tiny_unet
 
 from cmpipe.cm.karras import Sigmas
 from cmpipe.cm.losses import l2, midtrain_loss
-from cmpipe.cm.precond import ConsistencyFunction, EDMDenoiser
+from cmpipe.cm.precond import EDMDenoiser
 from cmpipe.data import write_shards
 from cmpipe.errors import ParamsError
 from cmpipe.models import networks
