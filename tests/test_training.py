@@ -109,6 +109,15 @@ def test_warmup_schedule():
     assert cfg.steps == 20 and math.isclose(config(images=81).steps, 21)
 
 
+def test_linear_schedule_falls_from_lr_after_the_warm_up_to_zero_after_the_last_step():
+    # 20 steps, 2 of warm-up: steps 2..19 decay as (20 - k) / 18
+    cfg = config(lr=1.0, warmup_images=8, batch_size=4, lr_schedule="linear")
+    assert [cfg.lr_at(k) for k in (0, 1)] == [0.5, 1.0]
+    assert cfg.lr_at(2) == 1.0 and cfg.lr_at(11) == pytest.approx(0.5) and cfg.lr_at(19) == pytest.approx(1 / 18)
+    no_warm = config(lr=0.3, warmup_images=0, batch_size=4, lr_schedule="linear")
+    assert no_warm.lr_at(0) == 0.3 and no_warm.lr_at(10) == pytest.approx(0.15)
+
+
 def test_config_from_a_params_section():
     from cmpipe.pipeline import params
 

@@ -22,13 +22,13 @@ def ct_schedule_from(d, K: int) -> CTSchedule:
 
 def train_config_from(section, name: str, **overrides) -> TrainConfig:
     """The loop of a section with the training keys (`teacher`, `distill`): its images, batch_size,
-    lr, optimizer, warmup_images, grad_clip, seed, checkpoint_every, log_every, heldout_fid_every, and its ema_decays
+    lr, optimizer, warmup_images, lr_schedule, grad_clip, seed, checkpoint_every, log_every, heldout_fid_every, and its ema_decays
     as the evaluation EMAs ("ema" for one decay, "ema_<decay>" for several: `ema_names`)."""
     keys = dict(images=section.images, batch_size=section.batch_size, lr=section.lr,
                 warmup_images=section.warmup_images, grad_clip=section.grad_clip,
                 ema_decays=ema_names(section.ema_decays), checkpoint_every=section.checkpoint_every,
                 log_every=section.log_every, seed=section.seed, name=name, optimizer=section.optimizer,
-                eval_every=section.heldout_fid_every)
+                eval_every=section.heldout_fid_every, lr_schedule=section.lr_schedule)
     return TrainConfig(**{**keys, **overrides})
 
 

@@ -41,6 +41,8 @@ TRAINING = {
     "lr": _k("float", min=1e-12, max=1.0),
     "optimizer": _k("str", choices=("adam", "radam")),
     "warmup_images": _k("int", min=0),
+    # constant: lr after the warm-up | linear: from lr at the end of the warm-up down to 0 at the last step
+    "lr_schedule": _k("str", choices=("constant", "linear")),
     "grad_clip": _k("float", min=0.0, nullable=True),
     "checkpoint_every": _k("int", **POS),
     "log_every": _k("int", **POS),

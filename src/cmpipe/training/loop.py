@@ -81,6 +81,7 @@ class TrainConfig:
     name: str = "train"
     optimizer: str = "adam"  # adam | radam (Song et al. 2023 train CD and CT with RAdam)
     eval_every: int | None = None  # images between calls of train(evaluate=...); it is also called at the end
+    lr_schedule: str = "constant"  # constant | linear (after the warm-up, down to 0 at the last step, as sony/cmt)
 
     @property
     def steps(self) -> int:
@@ -90,6 +91,9 @@ class TrainConfig:
         seen = step * self.batch_size
         if self.warmup_images > 0 and seen < self.warmup_images:
             return self.lr * (seen + self.batch_size) / self.warmup_images
+        if self.lr_schedule == "linear":
+            warm_steps = math.ceil(self.warmup_images / self.batch_size)
+            return self.lr * (self.steps - step) / max(1, self.steps - warm_steps)
         return self.lr
 
     def _every(self, images: int | None) -> int | None:
