@@ -102,10 +102,3 @@ def test_the_held_out_fid_ranks_samples_like_the_reference_first(tmp_path):
     # the same seed gives the same FIDs (common random numbers across candidates and runs)
     assert heldout_fids(samplers, 12, 6, (1, 28, 28), 5, torch.device("cpu"), {"mu": mu, "sigma": sigma},
                         inception=model) == fids
-
-
-def test_the_summary_flattens_the_nested_scores_of_dvclive():
-    from cmpipe.pipeline.report import flat
-
-    assert flat({"loss": 0.5, "heldout_fid": {"ema_0.99": 150.0}, "fid": {"a": {"b": 1}}}) == {
-        "loss": 0.5, "heldout_fid.ema_0.99": 150.0, "fid.a.b": 1}

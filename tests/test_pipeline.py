@@ -295,8 +295,11 @@ def test_repro_runs_every_stage_and_writes_finite_metrics(smoke_repo):
     summary = (repo / "reports/summary.md").read_text()
     assert "cm_nfe1" in summary and "![cm_nfe1](samples/cm_nfe1.png)" in summary
     assert "## Teacher NFE to match the consistency model" in summary
+    assert summary.startswith("# Results\n\n- **What was made:** a consistency model")
+    assert "![FID against NFE](figures/fid_vs_nfe.png)" in summary and "## Editing" in summary
+    assert json.loads((repo / "reports/teacher/timing.json").read_text())["seconds"] > 0
     for png in ["reports/teacher/samples.png", "reports/midtrain/samples.png", "reports/distill/samples.png",
-                "reports/samples/cm_nfe1.png"]:
+                "reports/samples/cm_nfe1.png", "reports/figures/fid_vs_nfe.png", "reports/figures/training_teacher.png"]:
         assert (repo / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # dvclive curves of the three training stages, by optimizer step (teacher: 512 images of 32)
     for stage in ("teacher", "midtrain", "distill"):

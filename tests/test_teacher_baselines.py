@@ -155,6 +155,6 @@ def test_summary_states_the_teacher_nfe_to_match(tmp_path):
     sets = {"cm_nfe1": {"kind": "cm", "nfe": 1, "ts": [0]}, "teacher_dpm_nfe2": {"kind": "teacher_dpm", "nfe": 2},
             "teacher_dpm_nfe4": {"kind": "teacher_dpm", "nfe": 4}}
     metrics = {"fid": {"cm_nfe1": 30.0, "teacher_dpm_nfe2": 80.0, "teacher_dpm_nfe4": 20.0}, "kid": {}}
-    text = summary_markdown(metrics, sets, {}, tmp_path, tmp_path)
+    text = summary_markdown(metrics, sets, tmp_path, tmp_path)
     assert "## Teacher NFE to match the consistency model" in text
     assert "| 1 step (FID 30)" in text and "3.56 (between NFE 2 and 4)" in text

@@ -25,6 +25,8 @@ STUDENT = Path("data/student/model.pt")
 DISTILL_REPORT = Path("reports/distill")
 # In each training stage's reports: the choice of the evaluation EMA (cmpipe.training.selection).
 EMA_SELECTION_NAME = "ema_selection.json"
+# ... and the wall time of its training loop (cmpipe.pipeline.training_stage), for the summary.
+TRAINING_TIME_NAME = "timing.json"
 TEACHER_EMA_SELECTION = TEACHER_REPORT / EMA_SELECTION_NAME
 DISTILL_EMA_SELECTION = DISTILL_REPORT / EMA_SELECTION_NAME
 
@@ -38,7 +40,10 @@ SAMPLE_TIMING = Path("reports/sample_timing.json")
 METRICS = Path("reports/metrics.json")
 FID_PLOT = Path("reports/fid_vs_nfe.csv")
 EDIT = Path("reports/edit")
+EDIT_METRICS = EDIT / "metrics.json"
 SUMMARY = Path("reports/summary.md")
+# The summary's PNG figures (cmpipe.pipeline.figures): fid_vs_nfe.png and training_<stage>.png.
+FIGURES = Path("reports/figures")
 
 # Resumable checkpoints of the training stages: not DVC outputs (a finished stage removes its
 # own), kept out of git by data/ being ignored.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +19,7 @@ from cmpipe.cm.precond import ConsistencyFunction
 from cmpipe.errors import ParamsError
 from cmpipe.models.networks import load_network, read_model_file, save_model
 from cmpipe.pipeline.config import train_config_from
-from cmpipe.pipeline.layout import FID_REF
+from cmpipe.pipeline.layout import FID_REF, TRAINING_TIME_NAME
 from cmpipe.pipeline.setups import TrainingSetup
 from cmpipe.sampling.sets import class_labels, generate, preview_plan
 from cmpipe.training.ema import TARGET, Averages, ema_names
@@ -77,10 +78,16 @@ class TrainingStage:
             scorer = HeldoutFID(lambda m: heldout_sampler(m, labels), s.heldout_fid_count, s.heldout_fid_seed,
                                 s.batch_size, shape, device, self.ref_path)
         checkpoint = Checkpoint(self.resume, fingerprint_of(*fingerprint, setup.inputs), self.name, dist)
+        start = time.perf_counter()
         history = train(setup.model, setup.loss_at, cfg, averages, checkpoint, device, self.report, dist, accel,
                         scorer)
+        seconds = time.perf_counter() - start
         if not dist.is_main:  # rank 0 alone chooses the EMA and writes the model
             return None
+        # The summary's wall time (dvclive's rows hold throughput only, which leaves the held-out FIDs out).
+        atomic_write_json(self.report / TRAINING_TIME_NAME, {
+            "seconds": round(seconds, 1),
+            "covers": "the training loop with its held-out FIDs, in this process (after a resume: since the resume)"})
         best, choice = choose_ema(cfg.ema_decays, history, self.report, s.heldout_fid_count, s.heldout_fid_seed)
         weights = {"ema": averages.evaluation[best].net.state_dict()}
         if kind == "consistency":  # θ⁻; a student that is its own target (ECT) saves itself
