@@ -20,6 +20,8 @@ EMA). A killed run resumes from data/.resume/distill.pt.
 """
 from __future__ import annotations
 
+import logging
+
 from cmpipe.distributed import ddp as distributed
 from cmpipe.distributed.accel import Accel
 from cmpipe.pipeline import params
@@ -30,6 +32,8 @@ from cmpipe.pipeline.stage import run_stage
 from cmpipe.pipeline.training_stage import TrainingStage
 from cmpipe.sampling.sets import cm_sampler
 
+log = logging.getLogger("stages.distill")
+
 
 def main():
     p = params.load_many("distill", "diffusion", "model", "accel")
@@ -38,10 +42,10 @@ def main():
     dist = distributed.init()
     device = dist.device("auto")
     part = dist.part(d.batch_size) if dist.enabled else None  # checks the split before any work
-    accel = Accel.from_params(p.accel, device)
-    accel.configure()
     stage = TrainingStage("distill", d, OUT, REPORT, RESUME, dist)
     stage.check()
+    accel = Accel.from_params(p.accel, device, log, announce=dist.is_main)
+    accel.configure()
     if d.images == 0:  # no post-training: the mid-trained model is the consistency model
         ema = stage.adopt(distill_init(d), sig.sigma_data, sig.sigma_min, device)
         u = ema.net.config

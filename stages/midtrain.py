@@ -42,9 +42,9 @@ def main():
         return
     device = dist.device("auto")
     part = dist.part(trajectories_per_step(m, nfe)) if dist.enabled else None  # checks the split first
-    accel = Accel.from_params(p.accel, device)
-    accel.configure()
     stage.check()
+    accel = Accel.from_params(p.accel, device, log, announce=dist.is_main)
+    accel.configure()
     setup = midtrain_setup(m, nfe, sig, p.model.class_conditional, shape, device, part)
     meta = {"sigma_data": sig.sigma_data, "sigma_min": sig.sigma_min, "sigma_max": sig.sigma_max, "rho": sig.rho,
             "num_scales": sig.num_scales, "mode": "midtrain", "pairs": m.pairs, "nfe": nfe, "metric": m.metric,

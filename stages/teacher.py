@@ -38,10 +38,10 @@ def main():
         raise params.ParamsError("teacher.checkpoint adopts a teacher and trains nothing: run it with "
                                  "dist.nproc_per_node = 1 and dist.nnodes = 1")
     part = dist.part(t.batch_size) if dist.enabled else None  # checks the split before any work
-    accel = Accel.from_params(p.accel, device)
-    accel.configure()
     stage = TrainingStage("teacher", t, OUT, REPORT, RESUME, dist)
     stage.check(trains=not t.checkpoint)
+    accel = Accel.from_params(p.accel, device, log, announce=dist.is_main)
+    accel.configure()
     if t.checkpoint:
         teacher = adopt_teacher(t.checkpoint, OUT, shape, sig.sigma_data, device)
     else:

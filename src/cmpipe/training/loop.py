@@ -210,10 +210,10 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, averages: Average
     `checkpoint` is resumed when it matches and saved every `cfg.checkpoint_every` images. Under
     torchrun (`dist`), `model.net` is wrapped in DDP for the loop: each rank's `loss_fn` takes its
     part of the global batch (`Dist.part`), DDP averages the gradients, and rank 0 alone writes
-    checkpoints and curves. `accel` (CUDA only) adds bf16 autocast, channels-last and
-    torch.compile. `evaluate` (rank 0) scores the evaluation EMAs on `cfg.eval_now` steps; its
-    scores join that step's row as "<score>/<name>", under the global RNG state of the step,
-    which it cannot change.
+    checkpoints and curves. `accel` adds bf16 autocast (on `device`'s own type), channels-last
+    and torch.compile (the stages turn them on on CUDA only: `Accel.from_params`). `evaluate`
+    (rank 0) scores the evaluation EMAs on `cfg.eval_now` steps; its scores join that step's row
+    as "<score>/<name>", under the global RNG state of the step, which it cannot change.
     """
     opt = make_optimizer(model, cfg)
     start, history = checkpoint.restore(model, opt, averages)
@@ -234,7 +234,7 @@ def train(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, averages: Average
         lr = cfg.lr_at(step)
         for group in opt.param_groups:
             group["lr"] = lr
-        with accel.autocast():
+        with accel.autocast(device):
             loss = loss_fn(step, seeded_generator(cfg.seed, step), averages.target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
