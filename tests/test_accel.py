@@ -28,9 +28,9 @@ BATCH, STEPS = 8, 3
 CPU = torch.device("cpu")
 # torch.compile of the tiny UNet (forward and backward, bf16 and channels-last) and 3 steps, measured
 # on the shared 2-core machines: 177 s with a cold inductor cache (71 s of CPU time, the machine busy),
-# 19-30 s with a warm one (/tmp/torchinductor_<user>). Past the budget the test is skipped, saying
-# so; CMPIPE_COMPILE_BUDGET_S=600 lets a cold cache finish, 0 skips it at once.
-COMPILE_BUDGET_S = float(os.environ.get("CMPIPE_COMPILE_BUDGET_S", "60"))
+# 19-30 s with a warm one (/tmp/torchinductor_<user>). CI starts cold, so `make test` skips it unless
+# CMPIPE_COMPILE_BUDGET_S gives it a budget (scripts/gpu_check.sh does); past the budget it is skipped, saying so.
+COMPILE_BUDGET_S = float(os.environ.get("CMPIPE_COMPILE_BUDGET_S", "0"))
 
 
 def run_steps(accel: Accel, path: Path, hook=None) -> dict:
@@ -109,6 +109,9 @@ def test_compile_with_every_switch_on_trains_on_the_cpu(tmp_path):
     why = compile_unavailable(CPU)
     if why:
         pytest.skip(f"torch.compile cannot build on this CPU: {why}")
+    if COMPILE_BUDGET_S <= 0:
+        pytest.skip("torch.compile of the tiny UNet takes about 3 minutes with a cold inductor cache on a 2-core "
+                    "CPU, more than the suite can spare: set CMPIPE_COMPILE_BUDGET_S=600 to run it")
     out = tmp_path / "out.json"
     code = f"import sys; sys.path[:0] = {[str(ROOT / 'tests'), str(ROOT / 'src')]!r}; " \
            f"import test_accel; test_accel._compiled_run({str(out)!r})"
