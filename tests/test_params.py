@@ -19,7 +19,7 @@ def write(tmp_path, mutate):
 
 
 def test_repository_params_are_valid():
-    for f in ("params.yaml", "params-smoke.yaml", "params-gpu-cifar10.yaml"):
+    for f in ("params.yaml", "params-smoke.yaml", "params-gpu-cifar10.yaml", "params-gpu-quick.yaml"):
         data = params.read_params(ROOT / f)
         for section in params.SCHEMA:
             params.validate_section(section, data[section])

@@ -84,14 +84,17 @@ def test_beats_compares_a_given_ts_the_search_never_visited():
 def test_fid_of_few_samples_equals_the_full_formula():
     import numpy as np
 
-    from cmpipe.metrics.fid import feature_stats, fid, fid_few
+    from cmpipe.metrics.fid import feature_stats, fid, fid_few, fid_from_stats
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40))
     mu_ref, sigma_ref = feature_stats(ref)
-    for n in (2, 12, 39):
+    for n in (2, 12, 39, 40, 41, 80):   # fid() takes fid_few's path up to n = d = 40
         feats = rng.normal(loc=0.3, size=(n, 40)).astype(np.float32)
-        assert fid_few(feats, mu_ref, sigma_ref) == pytest.approx(fid(feats, mu_ref, sigma_ref), rel=1e-6)
+        full = fid_from_stats(*feature_stats(feats), mu_ref, sigma_ref)
+        assert fid(feats, mu_ref, sigma_ref) == pytest.approx(full, rel=1e-6)
+        if n <= 40:
+            assert fid_few(feats, mu_ref, sigma_ref) == pytest.approx(full, rel=1e-6)
 
 
 def test_paired_win_rate():

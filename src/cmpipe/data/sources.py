@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cmpipe.data.base import DataError, SourceData, Split
+from cmpipe.data.cifar10 import read_cifar10
 from cmpipe.data.image_folder import _image_folder_splits, _read_image_folder
 from cmpipe.data.npz import _read_npz
 from cmpipe.data.transforms import _check_target, transform_images
@@ -27,8 +28,9 @@ log = logging.getLogger(__name__)
 #   (/usr/share/datasets/fashion-mnist), read here directly: their gzip bytes differ from
 #   torchvision's, so torchvision's md5 check would reject them. `download: true` falls back to
 #   torchvision's downloader (needs the internet).
-# - mnist, cifar10: a torchvision-style copy under `path` (path/MNIST/raw/...,
-#   path/cifar-10-batches-py/...), or a torchvision download.
+# - mnist: a torchvision-style copy under `path` (path/MNIST/raw/...), or a torchvision download.
+# - cifar10: a torchvision-style copy (path/cifar-10-batches-py/...), read by cifar10.py (any
+#   copy in that layout, not only the official files), or a torchvision download.
 # - image_folder (image_folder.py), npz (npz.py).
 SOURCES = ("fashion_mnist", "mnist", "cifar10", "image_folder", "npz")
 
@@ -139,7 +141,6 @@ def _read_fashion_mnist(path: Path, download: bool, limit: int | None) -> Source
 _TV = {
     # source: (torchvision class, folder torchvision expects under root, human name)
     "mnist": ("MNIST", "MNIST/raw", "MNIST"),
-    "cifar10": ("CIFAR10", "cifar-10-batches-py", "CIFAR-10"),
 }
 
 
@@ -202,6 +203,8 @@ def read_source(source: str, path: str | Path, *, download: bool = False, limit:
     path = Path(path)
     if source == "fashion_mnist":
         return _read_fashion_mnist(path, download, limit)
+    if source == "cifar10":
+        return read_cifar10(path, download, limit)
     if source in _TV:
         return _read_torchvision(source, path, download, limit)
     if source == "image_folder":
