@@ -313,3 +313,26 @@ def test_quick_gpu_profile_rehearsed_on_the_cpu(tmp_path):
     copies = json.loads((repo / "reports/copy_check.json").read_text())
     assert set(copies["sets"]["cm_nfe1"]) == {"cached_ends", "training_images"}
     assert set(json.loads((repo / "reports/ts_search.json").read_text())["chosen"]) == {"2"}
+
+
+def test_quick_gpu_profile_is_the_10k_protocol_on_one_gpu():
+    """What the rehearsal shrinks, checked at the profile's own sizes: 10,000 samples per set against
+    the whole test split, one process, the mid-training batch in whole trajectories, the sets."""
+    from cmpipe.pipeline import params
+    from cmpipe.pipeline.config import sigmas_from
+    from cmpipe.pipeline.setups.distill import check_distill
+    from cmpipe.pipeline.setups.midtrain import trajectories_per_step
+    from cmpipe.sampling.plan import plan_sets
+
+    data = params.read_params(ROOT / "params-gpu-quick.yaml")
+    p = {section: params.validate_section(section, data[section]) for section in params.SCHEMA}
+    assert p["shard"].source == "fashion_mnist" and p["shard"].ref_split == "test" and p["shard"].limit is None
+    assert p["fid_ref"].count == p["sample"].count == 10_000   # Fashion-MNIST's test split holds 10,000
+    assert p["dist"].nproc_per_node * p["dist"].nnodes == 1
+    assert p["evaluate"].kid_subset_size <= p["sample"].count
+    m, t, d = p["midtrain"], p["trajectories"], p["distill"]
+    assert trajectories_per_step(m, t.nfe) * t.nfe == m.batch_size
+    assert t.num_trajectories * t.nfe < m.images   # each cached trajectory is read several times
+    assert (d.init, d.images) == ("midtrain", 0)
+    check_distill(d)
+    assert set(plan_sets(p["sample"], sigmas_from(p["diffusion"]))) == {"cm_nfe1", "cm_nfe2", "teacher_heun_nfe35"}
