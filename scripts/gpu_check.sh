@@ -22,11 +22,14 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}
 PARAMS=${GPU_CHECK_PARAMS:-params-gpu-quick.yaml}
 BUDGET=${GPU_CHECK_BUDGET:-600}
 BATCH=${GPU_CHECK_BATCH:-512}           # the benchmarks' training batch (the profile's)
+# Time guards (seconds). The profile has priority: the parts before it may use only what its cap
+# leaves of the budget (600 - 480 = 120 s: machine and weights ~10, tests 45, 3 benchmarks 15 each,
+# the loader benchmark and the printing ~20 at the end).
 PROFILE_CAP=${GPU_CHECK_PROFILE_CAP:-480}
-TESTS_CAP=${GPU_CHECK_TESTS_CAP:-75}
+TESTS_CAP=${GPU_CHECK_TESTS_CAP:-45}
+BENCH_CAP=${GPU_CHECK_BENCH_CAP:-15}
 # tests/test_accel.py's torch.compile test builds on the CPU; it is skipped past this budget
-export CMPIPE_COMPILE_BUDGET_S=${CMPIPE_COMPILE_BUDGET_S:-40}
-BENCH_CAP=${GPU_CHECK_BENCH_CAP:-25}
+export CMPIPE_COMPILE_BUDGET_S=${CMPIPE_COMPILE_BUDGET_S:-20}
 [ -x "$ROOT/.venv/bin/python" ] && export PATH="$ROOT/.venv/bin:$PATH"
 PY=$(command -v python || command -v python3)
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" DVC_NO_ANALYTICS=1 OMP_WAIT_POLICY=PASSIVE
@@ -76,7 +79,7 @@ part weights 60 0 "$PY" -m cmpipe.weights
 mapfile -t GPU_TESTS < <( { grep -l "cuda.is_available\|cuda.device_count" tests/test_*.py; \
   ls tests/test_accel.py; } 2>/dev/null | sort -u)
 if [ "${#GPU_TESTS[@]}" -gt 0 ]; then
-  part tests "$TESTS_CAP" $((PROFILE_CAP + 60)) "$PY" -m pytest -q -rs -p no:cacheprovider -m "not slow" "${GPU_TESTS[@]}"
+  part tests "$TESTS_CAP" $((PROFILE_CAP + 3 * BENCH_CAP + 20)) "$PY" -m pytest -q -rs -p no:cacheprovider -m "not slow" "${GPU_TESTS[@]}"
 else
   echo "== tests: no test file with a CUDA skip found"; STATUS[tests]=none; ORDER+=(tests)
 fi
@@ -91,11 +94,11 @@ bench() {  # bench NAME RESERVE ARGS...: one JSON line, or one saying why there 
     *) echo "{\"bench\": \"$name\", \"failed\": true, \"exit\": ${STATUS[bench-$name]}}" ;;
   esac
 }
-bench distill-step $((PROFILE_CAP + 30)) --steps 10 --batch-size "$BATCH"
-bench trajectories $((PROFILE_CAP + 30)) --steps 3
-bench sampling $((PROFILE_CAP + 30)) --steps 2
+bench distill-step $((PROFILE_CAP + 20)) --steps 10 --batch-size "$BATCH"
+bench trajectories $((PROFILE_CAP + 20)) --steps 3
+bench sampling $((PROFILE_CAP + 20)) --steps 2
 if [ "$DEVICE" = cpu ] || [ "$GPUS" -ge 2 ]; then
-  bench scaling $((PROFILE_CAP + 30)) --steps 5 --batch-size "$BATCH"
+  bench scaling $((PROFILE_CAP + 20)) --steps 5 --batch-size "$BATCH"
 else
   echo "{\"bench\": \"scaling\", \"skipped\": \"needs 2 GPUs, $GPUS here\"}"; STATUS[bench-scaling]=skipped; ORDER+=(bench-scaling)
 fi
