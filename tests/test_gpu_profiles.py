@@ -139,7 +139,8 @@ CIFAR10_KEEP = {
     "distill.ict_s1", "distill.ct_index", "distill.ict_P_mean", "distill.ict_P_std", "distill.ect_P_mean",
     "distill.ect_P_std", "distill.ect_q", "distill.ect_k", "distill.ect_b", "distill.ect_mapping",
     "distill.ect_huber_c",
-    "sample.seed", "sample.ts", "sample.clip_denoised", "sample.search_ts", "sample.search_method", "sample.search_seed", "sample.class_label", "sample.device",
+    "sample.seed", "sample.ts", "sample.clip_denoised", "sample.search_ts", "sample.search_method",
+    "sample.search_seed", "sample.class_label", "sample.device",
     "edit.seed", "edit.ts", "edit.inpaint_mask", "edit.inpaint_fraction", "edit.sr_factor", "edit.stroke_factor",
     "edit.stroke_levels", "edit.stroke_ts", "edit.stroke_image", "edit.lpips_resize",
 }
@@ -273,7 +274,8 @@ def rehearse(tmp_path: Path, name: str, data: Path | None = None) -> tuple[Path,
     assert all(math.isfinite(v) and v >= 0 for v in m["fid"].values()), m
     assert all(math.isfinite(v) for v in m["kid"].values()), m
     assert m["protocol"]["reference_count"] == p["fid_ref"]["count"]
-    trained = ["teacher"] + ["midtrain"] * (p["distill"]["init"] == "midtrain") + ["distill"] * (p["distill"]["images"] > 0)
+    d = p["distill"]
+    trained = ["teacher"] + ["midtrain"] * (d["init"] == "midtrain") + ["distill"] * (d["images"] > 0)
     for stage in trained:
         losses = (repo / f"reports/{stage}/plots/metrics/loss.tsv").read_text().split("\n")[1:]
         assert all(math.isfinite(float(row.split("\t")[-1])) for row in losses if row), (stage, losses)
@@ -292,7 +294,8 @@ def test_cifar10_gpu_profile_rehearsed_on_the_cpu(tmp_path):
     assert "torch.distributed.run --nproc_per_node=2" in out
     with np.load(repo / "data/samples/cm_nfe1.npz") as z:
         assert z["images"].shape[1:] == (32, 32, 3)
-    assert p["distill"]["metric"] == "lpips" and p["distill"]["optimizer"] == "radam" and p["distill"]["warmup_images"] > 0
+    d = p["distill"]
+    assert d["metric"] == "lpips" and d["optimizer"] == "radam" and d["warmup_images"] > 0
     assert p["distill"]["pairs"] == "online" and p["distill"]["init"] == "teacher"
     assert json.loads((repo / "data/midtrain/unused.json").read_text())   # not in the profile's chain
     edit = json.loads((repo / "reports/edit/metrics.json").read_text())
