@@ -294,6 +294,8 @@ def test_cifar10_gpu_profile_rehearsed_on_the_cpu(tmp_path):
     assert "torch.distributed.run --nproc_per_node=2" in out
     with np.load(repo / "data/samples/cm_nfe1.npz") as z:
         assert z["images"].shape[1:] == (32, 32, 3)
+        assert z["images"].shape[0] == json.loads((repo / "data/samples/sets.json").read_text())["cm_nfe1"]["count"]
+    assert not list((repo / "data").glob(".*parts*"))   # the ranks' temporary parts are gone
     d = p["distill"]
     assert d["metric"] == "lpips" and d["optimizer"] == "radam" and d["warmup_images"] > 0
     assert p["distill"]["pairs"] == "online" and p["distill"]["init"] == "teacher"
