@@ -65,7 +65,8 @@ def test_the_headline_states_fid_teacher_best_interpolated_saving_and_speed():
     assert 3 <= len(lines) <= 5
     text = "\n".join(lines)
     assert "FID 128.4 in 1 step and 104.9 in 2 steps (500 samples per set against 1,000 test images" in text
-    assert "Heun at its largest evaluated NFE, 35: FID 91.8." in text
+    assert ("**The teacher's best:** Heun at 35 NFE: FID 91.8, its lowest FID of the evaluated sets and its most "
+            "accurate ODE solution.") in text
     # 2 steps (104.9) lies between DPM-Solver++ 4 NFE (110) and 6 NFE (100): linear in log NFE,
     # w = (110 - 104.9) / (110 - 100) = 0.51, NFE = exp(0.49 ln 4 + 0.51 ln 6) = 4.919
     by_hand = math.exp(0.49 * math.log(4) + 0.51 * math.log(6))
@@ -89,8 +90,22 @@ def test_the_headline_says_not_reached_and_handles_a_missing_dpm_or_heun():
     assert "not measured: the teacher's DPM-Solver++(2M) was not evaluated" in text
     no_heun = {n: f for n, f in FID.items() if not n.startswith("teacher_heun")}
     text = "\n".join(headline(results_table(_metrics(no_heun), _sets(no_heun)), PROTOCOL))
-    assert "**The teacher's best:** DPM-Solver++(2M) at 12 NFE (its lowest FID; Heun was not evaluated): FID 93." \
+    assert "**The teacher's best:** DPM-Solver++(2M) at 12 NFE: FID 93 (its lowest FID; Heun was not evaluated)." \
         in text
+
+
+def test_the_headline_quotes_a_few_step_solver_that_beats_heun_beside_heun():
+    # as in the committed run: DPM-Solver++ at 6 NFE scores below Heun at 35 (the accurate ODE solution)
+    fid = dict(FID, teacher_dpm_nfe6=77.2)
+    text = "\n".join(headline(results_table(_metrics(fid), _sets(fid)), PROTOCOL))
+    assert ("**The teacher's best:** DPM-Solver++(2M) at 6 NFE: FID 77.2, its lowest FID of the evaluated sets; "
+            "Heun at its largest evaluated NFE, 35 (the most accurate ODE solution here), scores 91.8.") in text
+    # seconds per image: DPM-Solver++ at the NFE the saving quotes (6, also the best: once) and Heun 35
+    assert "DPM-Solver++(2M) 0.003 s (3 NFE), 0.006 s (6 NFE); Heun 0.035 s (35 NFE, 35× the 1-step model's)." in text
+    # the best DPM-Solver++ set is quoted once, in the DPM-Solver++ part, when the saving did not name it
+    fid = dict(FID, teacher_dpm_nfe12=80.0)
+    text = "\n".join(headline(results_table(_metrics(fid), _sets(fid)), PROTOCOL))
+    assert "DPM-Solver++(2M) 0.003 s (3 NFE), 0.006 s (6 NFE), 0.012 s (12 NFE); Heun 0.035 s" in text
 
 
 def test_crossing_interpolates_in_log_nfe_only_between_a_bracket():
