@@ -116,9 +116,10 @@ CIFAR10_SHRINK = {
     "edit.count": 4, "edit.interp_pairs": 1, "edit.interp_frames": 3,
 }
 CIFAR10_REDIRECT = {"shard.path"}   # the test's small copy
-CIFAR10_KEEP = {
+# Keys both rehearsals keep as their profile has them.
+KEPT_BY_BOTH = {
     "shard.source", "shard.download", "shard.resolution", "shard.resize_mode", "shard.channels",
-    "shard.alpha_background", "shard.limit", "shard.train_split", "shard.ref_split", "shard.holdout",
+    "shard.alpha_background", "shard.train_split", "shard.ref_split", "shard.holdout",
     "accel.bf16", "accel.tf32", "accel.channels_last", "accel.compile",
     "dist.nnodes", "dist.rdzv_endpoint", "dist.rdzv_id",
     "diffusion.sigma_min", "diffusion.sigma_max", "diffusion.sigma_data", "diffusion.rho", "diffusion.num_scales",
@@ -144,6 +145,7 @@ CIFAR10_KEEP = {
     "edit.seed", "edit.ts", "edit.inpaint_mask", "edit.inpaint_fraction", "edit.sr_factor", "edit.stroke_factor",
     "edit.stroke_levels", "edit.stroke_ts", "edit.stroke_image", "edit.lpips_resize",
 }
+CIFAR10_KEEP = KEPT_BY_BOTH | {"shard.limit"}   # null in the profile: all of the small copy
 
 # params-gpu-quick.yaml: the same, on the real Fashion-MNIST (its first images of each split).
 QUICK_SHRINK = {
@@ -165,35 +167,11 @@ QUICK_SHRINK = {
     "edit.count": 4, "edit.interp_pairs": 1, "edit.interp_frames": 3,
 }
 QUICK_REDIRECT: set[str] = set()
-QUICK_KEEP = {
-    "shard.source", "shard.path", "shard.download", "shard.resolution", "shard.resize_mode", "shard.channels",
-    "shard.alpha_background", "shard.train_split", "shard.ref_split", "shard.holdout",
-    "accel.bf16", "accel.tf32", "accel.channels_last", "accel.compile",
-    "dist.nproc_per_node", "dist.nnodes", "dist.rdzv_endpoint", "dist.rdzv_id",   # one GPU: one process
-    "diffusion.sigma_min", "diffusion.sigma_max", "diffusion.sigma_data", "diffusion.rho", "diffusion.num_scales",
-    "model.attention_levels", "model.dropout", "model.class_conditional",
-    "teacher.checkpoint", "teacher.seed", "teacher.lr", "teacher.optimizer", "teacher.lr_schedule",
-    "teacher.grad_clip", "teacher.ema_decays", "teacher.heldout_fid_every", "teacher.heldout_fid_seed",
-    "teacher.P_mean", "teacher.P_std",
-    "trajectories.seed", "trajectories.device", "trajectories.bf16", "trajectories.nfe",
-    "midtrain.pairs", "midtrain.seed", "midtrain.lr", "midtrain.optimizer", "midtrain.warmup_images",
-    "midtrain.lr_schedule", "midtrain.grad_clip", "midtrain.dropout", "midtrain.metric", "midtrain.huber_c",
-    "midtrain.lpips_net", "midtrain.lpips_resize", "midtrain.ema_decays", "midtrain.heldout_fid_every",
-    "midtrain.heldout_fid_seed",
-    "distill.init", "distill.mode", "distill.pairs", "distill.seed", "distill.images", "distill.lr",
-    "distill.optimizer", "distill.warmup_images", "distill.lr_schedule", "distill.grad_clip", "distill.dropout",
-    "distill.metric", "distill.huber_c", "distill.lpips_net", "distill.lpips_resize", "distill.weighting",
-    "distill.mu_schedule", "distill.mu", "distill.ema_decays", "distill.heldout_fid_every",
-    "distill.heldout_fid_seed", "distill.ct_num_scales", "distill.ct_s0", "distill.ct_s1", "distill.ct_mu0",
-    "distill.ict_s0", "distill.ict_s1", "distill.ct_index", "distill.ict_P_mean", "distill.ict_P_std",
-    "distill.ect_P_mean", "distill.ect_P_std", "distill.ect_q", "distill.ect_k", "distill.ect_b",
-    "distill.ect_mapping", "distill.ect_huber_c",
-    "sample.seed", "sample.steps", "sample.ts", "sample.teacher_euler_nfe", "sample.teacher_dpm_nfe",
-    "sample.clip_denoised", "sample.search_ts", "sample.search_method", "sample.search_seed",
-    "sample.class_label", "sample.device",
-    "edit.seed", "edit.ts", "edit.inpaint_mask", "edit.inpaint_fraction",
-    "edit.sr_factor", "edit.stroke_factor", "edit.stroke_levels", "edit.stroke_ts", "edit.stroke_image",
-    "edit.lpips_resize",
+QUICK_KEEP = KEPT_BY_BOTH | {
+    "shard.path",                                   # the real Fashion-MNIST
+    "dist.nproc_per_node",                          # one GPU: one process
+    "trajectories.nfe", "distill.images", "distill.warmup_images",
+    "sample.steps", "sample.teacher_euler_nfe", "sample.teacher_dpm_nfe",
 }
 
 REHEARSALS = {
