@@ -41,6 +41,8 @@ def main():
     teacher = None if skip_pairs and skip_whole else load_teacher(TEACHER, sig.sigma_data, device)
     teacher_sha256 = sha256_file(TEACHER) if teacher else None
     report = {"device": device.type, "bf16": bool(t.bf16 and device.type == "cuda"), "processes": dist.world}
+    if t.bf16 and device.type != "cuda" and teacher:
+        log.info("trajectories.bf16 is on but has no effect on %s (CUDA only); set it to false to silence this", device)
     if skip_pairs:
         log.info("no Heun pairs: %s, which does not read them", skip_pairs)
         write_unused(OUT, skip_pairs)

@@ -139,6 +139,11 @@ def test_fid_self_zero_shift_exact_and_matches_cleanfid():
 def test_fid_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="disagree in shape"):
         evaluation.fid_from_stats(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    few = np.random.default_rng(0).normal(size=(3, 4))  # n <= d: fid() takes fid_few, which checks too
+    with pytest.raises(ValueError, match="disagree in shape"):
+        evaluation.fid(few, np.zeros(5), np.eye(5))
+    with pytest.raises(ValueError, match="disagree in shape"):
+        evaluation.fid_few(few, np.zeros(4), np.eye(5))
     with pytest.raises(ValueError, match="at least 2"):
         evaluation.feature_stats(np.zeros((1, 8)))
 

@@ -128,7 +128,7 @@ KEPT_BY_BOTH = {
     "teacher.grad_clip", "teacher.ema_decays", "teacher.heldout_fid_every", "teacher.heldout_fid_seed",
     "teacher.P_mean", "teacher.P_std",
     "trajectories.seed", "trajectories.device", "trajectories.bf16",
-    "midtrain.pairs", "midtrain.seed", "midtrain.lr", "midtrain.optimizer", "midtrain.warmup_images",
+    "midtrain.pairs", "midtrain.seed", "midtrain.points_per_trajectory", "midtrain.lr", "midtrain.optimizer", "midtrain.warmup_images",
     "midtrain.lr_schedule", "midtrain.grad_clip", "midtrain.dropout", "midtrain.metric", "midtrain.huber_c",
     "midtrain.lpips_net", "midtrain.lpips_resize", "midtrain.ema_decays", "midtrain.heldout_fid_every",
     "midtrain.heldout_fid_seed",

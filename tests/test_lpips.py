@@ -20,6 +20,7 @@ from conftest import ROOT, TESTDATA
 from numpy.lib.stride_tricks import sliding_window_view
 
 from cmpipe.metrics import lpips as L
+from cmpipe.util.numpy_pickle import NumpyUnpickler
 from cmpipe.weights import lpips as W
 from cmpipe.weights.__main__ import main as weights_main
 
@@ -241,7 +242,7 @@ def test_malicious_pickle_is_never_unpickled(tmp_path):
     assert not marker.exists()
     # Even past the hash, the unpickler grants nothing but numpy's array rebuilders.
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle global io.open"):
-        W.NumpyArrayUnpickler(io.BytesIO(payload)).load()
+        NumpyUnpickler(io.BytesIO(payload)).load()
     assert not marker.exists()
 
 

@@ -18,7 +18,7 @@ from cmpipe.errors import ParamsError
 from cmpipe.models import networks
 from cmpipe.pipeline import params
 from cmpipe.pipeline.setups.distill import check_distill, ct_setup, distill_init, ect_setup
-from cmpipe.pipeline.setups.midtrain import midtrain_setup, trajectories_per_step
+from cmpipe.pipeline.setups.midtrain import midtrain_setup, stratified_levels, trajectories_per_step
 from cmpipe.pipeline.trajectory_cache import midtrain_grid, pairs_unused_because, whole_unused_because
 from cmpipe.sampling.dpm_solver import dpm_solver_trajectory
 from cmpipe.training.trajectories import compute_trajectories
@@ -31,7 +31,7 @@ CPU = torch.device("cpu")
 
 
 def midtrain_params(**kw):
-    base = dict(pairs="cache", seed=4, batch_size=6, dropout=0.0, metric="l2", huber_c=None, lpips_net="alex",
+    base = dict(pairs="cache", seed=4, batch_size=6, points_per_trajectory=None, dropout=0.0, metric="l2", huber_c=None, lpips_net="alex",
                 lpips_resize=None)
     return SimpleNamespace(**{**base, **kw})
 
@@ -73,6 +73,38 @@ def test_midtrain_setup_regresses_cached_points_onto_their_ends(tmp_path):
     expected = midtrain_loss(setup.model, traj[:, :-1], grid[:-1], traj[:, -1], l2)
     got = setup.loss_at(0, torch.Generator().manual_seed(0), None)
     assert torch.allclose(got, expected, rtol=1e-5)
+
+
+def test_stratified_levels_by_hand():
+    # nfe 4, k 1: trajectory b of step t takes level (b + t) mod 4; k 2: (b + t) mod 2 and that + 2.
+    assert stratified_levels(4, 1, 4, 0).tolist() == [[0], [1], [2], [3]]
+    assert stratified_levels(4, 1, 4, 3).tolist() == [[3], [0], [1], [2]]
+    assert stratified_levels(4, 2, 4, 1).tolist() == [[1, 3], [0, 2], [1, 3], [0, 2]]
+    assert stratified_levels(2, 4, 4, 5).tolist() == [[0, 1, 2, 3]] * 2  # k = nfe: every point
+    # Every level enters a step equally often.
+    assert torch.bincount(stratified_levels(16, 2, 8, 7).flatten(), minlength=8).tolist() == [4] * 8
+
+
+def test_midtrain_setup_spreads_a_step_over_more_trajectories(tmp_path):
+    D = save_teacher(tmp_path / "teacher.pt")
+    grid = write_whole_cache(tmp_path / "whole", D, count=8, nfe=3, teacher_path=tmp_path / "teacher.pt")
+    m = midtrain_params(points_per_trajectory=1)
+    assert trajectories_per_step(m, 3) == 6  # 6 points: one of each of 6 trajectories
+    setup = midtrain_setup(m, 3, SIG, False, SHAPE, CPU, cache_dir=tmp_path / "whole",
+                           teacher_path=tmp_path / "teacher.pt")
+    from cmpipe.training.loop import EpochSampler
+    from cmpipe.training.trajectories import trajectory_randomness
+
+    for step in (0, 1):
+        i = EpochSampler(8, 6, m.seed).indices(step)
+        z = torch.stack([trajectory_randomness(1, int(k), SHAPE)[0] for k in i])
+        traj = dpm_solver_trajectory(D, z, grid, 0.5)
+        level = [(b + step) % 3 for b in range(6)]  # levels 0 1 2 0 1 2, shifted by the step
+        x = torch.stack([traj[b, level[b]] for b in range(6)]).unsqueeze(1)
+        expected = midtrain_loss(setup.model, x, grid[level].unsqueeze(1), traj[:, -1], l2)
+        assert torch.allclose(setup.loss_at(step, torch.Generator().manual_seed(0), None), expected, rtol=1e-5)
+    with pytest.raises(ParamsError, match=r"^midtrain.points_per_trajectory = 2 must divide trajectories.nfe = 3"):
+        trajectories_per_step(midtrain_params(points_per_trajectory=2), 3)
 
 
 def test_midtrain_setup_online_draws_fresh_trajectories_by_the_teacher(tmp_path):

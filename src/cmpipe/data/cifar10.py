@@ -2,8 +2,8 @@
 
 torchvision's `CIFAR10` refuses any file whose md5 is not the official one, so a subset or a
 re-pickled copy (the test suite's small copy included) could not be read; it also unpickles with
-the full `pickle.load`. Here each batch is unpickled by `_BatchUnpickler`, which can rebuild a
-numpy array and nothing else (no callable of the file's choosing runs), and checked for its
+the full `pickle.load`. Here each batch is unpickled by `cmpipe.util.numpy_pickle.NumpyUnpickler`,
+which can rebuild a numpy array and nothing else (no callable of the file's choosing runs), and checked for its
 shape: `data` uint8 N×3072 (the planes R, G, B of 32×32, row-major) and `labels` N classes
 0..9. Files that are not the official ones (md5) are read all the same, with a log line that
 says so: FIDs against them are not comparable with the published ones.
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 from pathlib import Path
 
 import numpy as np
 
 from cmpipe.data.base import DataError, SourceData, Split
+from cmpipe.util.numpy_pickle import NumpyUnpickler
 
 log = logging.getLogger(__name__)
 
@@ -35,50 +35,11 @@ META = ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888")
 SPLIT_FILES = {"train": TRAIN, "test": TEST}
 
 
-def _reconstruct():
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
-def _frombuffer(buf, dtype, shape, order):
-    """numpy's pickle protocol 5 rebuilder of a contiguous array (numpy._core.numeric._frombuffer)."""
-    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
-
-
-def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
-    """The only use of _codecs.encode a protocol-2 pickle of bytes makes (Python 3's b"data" keys)."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    """Rebuilds dicts, lists, strings, bytes, numbers and numpy arrays; refuses every other global."""
-
-    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-                         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}")
-        if name == "_reconstruct":
-            return _reconstruct()
-        if name == "_frombuffer":
-            return _frombuffer
-        if module == "_codecs":
-            return _latin1_bytes
-        return getattr(np, name)
-
-
 def _load(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             # latin1: the official files are Python 2 pickles (str keys, numpy arrays in them)
-            entry = _BatchUnpickler(f, encoding="latin1").load()
+            entry = NumpyUnpickler(f, encoding="latin1").load()
     except OSError as e:
         raise DataError(f"CIFAR-10: cannot read {path} ({e})")
     except Exception as e:  # UnpicklingError, EOFError, ...: not a batch file

@@ -236,9 +236,6 @@ def fid(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
     feats = _validate_features(feats, "features")
     d = feats.shape[1]
     if len(feats) <= d:
-        if np.shape(mu_ref) != (d,) or np.shape(sigma_ref) != (d, d):
-            raise ValueError(f"FID statistics disagree in shape: features {feats.shape}, "
-                             f"mu_ref {np.shape(mu_ref)}, sigma_ref {np.shape(sigma_ref)}")
         return fid_few(feats, mu_ref, sigma_ref)
     mu, sigma = feature_stats(feats)
     return fid_from_stats(mu, sigma, mu_ref, sigma_ref)
@@ -252,13 +249,16 @@ def fid_few(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> flo
     matrix square root.
     """
     feats = _validate_features(feats, "features").astype(np.float64)
+    d = feats.shape[1]
+    if np.shape(mu_ref) != (d,) or np.shape(sigma_ref) != (d, d):
+        raise ValueError(f"FID statistics disagree in shape: features {feats.shape}, "
+                         f"mu_ref {np.shape(mu_ref)}, sigma_ref {np.shape(sigma_ref)}")
     mu = feats.mean(axis=0)
     X = (feats - mu) / np.sqrt(len(feats) - 1)  # the unbiased covariance is X^T X
     m = X @ sigma_ref @ X.T
     lam = np.linalg.eigvalsh((m + m.T) / 2)
     diff = mu - mu_ref
     return float(diff @ diff + np.sum(X * X) + np.trace(sigma_ref) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
-
 
 
 def fid_few_of_rows(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray):
@@ -279,6 +279,7 @@ def fid_few_of_rows(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray
         diff = mu - mu_ref
         return diff @ diff + np.sum(x * x) / (n - 1) + const - 2 * np.sqrt(np.clip(lam, 0, None)).sum()
     return fid_rows
+
 
 @contextmanager
 def _numpy_global_seed(seed: int):

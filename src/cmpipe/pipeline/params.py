@@ -124,6 +124,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "midtrain": {
         "pairs": _k("str", choices=("cache", "online")),
         **TRAINING,
+        # k points of each trajectory a step (stratified over the levels); null: all nfe (the reference)
+        "points_per_trajectory": _k("int", min=1, nullable=True),
         "dropout": _k("float", min=0.0, max=0.9),
         "metric": _k("str", choices=("l2", "l1", "pseudo_huber", "lpips")),
         "huber_c": _k("float", min=1e-12, nullable=True),

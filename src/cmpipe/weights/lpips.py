@@ -19,7 +19,8 @@ import torch
 
 from cmpipe.util.fileio import atomic_write_bytes
 from cmpipe.util.hashing import sha256_bytes, state_digest
-from cmpipe.weights.numpy_pickle import NumpyArrayUnpickler, flatten_float32
+from cmpipe.util.numpy_pickle import NumpyUnpickler
+from cmpipe.weights.numpy_pickle import flatten_float32
 from cmpipe.weights.offline import MissingAssetError, cache_dir, download_or_fail, package_file
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def read_jax_ckpt(path: str | Path, net: str) -> dict[str, np.ndarray]:
         raise LPIPSWeightsError(
             f"LPIPS {net} weights: {path} has sha256 {digest}, expected {spec.jax_ckpt_sha256} "
             f"({JAX_REQUIREMENT}); it was not loaded. Fix: {fix}")
-    tree = NumpyArrayUnpickler(io.BytesIO(data)).load()
+    tree = NumpyUnpickler(io.BytesIO(data)).load()
     if not isinstance(tree, Mapping):
         raise LPIPSWeightsError(f"{path}: expected a dict of parameters; {fix}")
     return flatten_float32(tree)
