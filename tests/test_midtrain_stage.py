@@ -191,7 +191,7 @@ def make_manifest(root: Path) -> Path:
 def test_params_errors_of_the_new_keys_are_one_line():
     y = params.read_params(ROOT / "params.yaml")
     bad = [("distill", "init", "student"), ("midtrain", "pairs", "disk"), ("trajectories", "nfe", 0),
-           ("midtrain", "metric", "l3"), ("distill", "images", -1)]
+           ("midtrain", "metric", "l3"), ("distill", "images", -1), ("midtrain", "points_per_trajectory", 0)]
     for section, key, value in bad:
         with pytest.raises(ParamsError) as e:
             params.validate_section(section, {**y[section], key: value})
