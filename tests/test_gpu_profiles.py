@@ -300,11 +300,11 @@ def test_quick_gpu_profile_rehearsed_on_the_cpu(tmp_path):
 
 def test_quick_gpu_profile_is_the_10k_protocol_on_one_gpu():
     """What the rehearsal shrinks, checked at the profile's own sizes: 10,000 samples per set against
-    the whole test split, one process, the mid-training batch in whole trajectories, the sets."""
+    the whole test split, one process, the mid-training batch, the sets."""
     from cmpipe.pipeline import params
     from cmpipe.pipeline.config import sigmas_from
     from cmpipe.pipeline.setups.distill import check_distill
-    from cmpipe.pipeline.setups.midtrain import trajectories_per_step
+    from cmpipe.pipeline.setups.midtrain import points_per_trajectory, trajectories_per_step
     from cmpipe.sampling.plan import plan_sets
 
     data = params.read_params(ROOT / "params-gpu-quick.yaml")
@@ -314,7 +314,7 @@ def test_quick_gpu_profile_is_the_10k_protocol_on_one_gpu():
     assert p["dist"].nproc_per_node * p["dist"].nnodes == 1
     assert p["evaluate"].kid_subset_size <= p["sample"].count
     m, t, d = p["midtrain"], p["trajectories"], p["distill"]
-    assert trajectories_per_step(m, t.nfe) * t.nfe == m.batch_size
+    assert trajectories_per_step(m, t.nfe) * points_per_trajectory(m, t.nfe) == m.batch_size
     assert t.num_trajectories * t.nfe < m.images   # each cached trajectory is read several times
     assert (d.init, d.images) == ("midtrain", 0)
     check_distill(d)
