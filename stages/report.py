@@ -22,8 +22,16 @@ from cmpipe.pipeline.layout import (
     SUMMARY,
     TEACHER_REPORT,
     TRAJECTORIES_REPORT,
+    TS_SEARCH,
 )
-from cmpipe.pipeline.report import read_json, read_training_report, results_table, summary_markdown, write_figures
+from cmpipe.pipeline.report import (
+    mark_ts_search,
+    read_json,
+    read_training_report,
+    results_table,
+    summary_markdown,
+    write_figures,
+)
 from cmpipe.pipeline.stage import run_stage
 from cmpipe.util.fileio import atomic_write_text
 
@@ -33,7 +41,7 @@ TRAINING = {"teacher": TEACHER_REPORT, "midtrain": MIDTRAIN_REPORT, "distill": D
 
 def main():
     metrics = read_json(METRICS)
-    sets = read_json(SAMPLE_SETS)
+    sets = mark_ts_search(read_json(SAMPLE_SETS), read_json(TS_SEARCH))
     for name, t in read_json(SAMPLE_TIMING).items():
         if name in sets:
             sets[name]["seconds_per_image"] = t["seconds_per_image"]

@@ -202,7 +202,10 @@ def test_a_sample_key_reruns_sampling_only(smoke_repo):
         won = search["win_rate"].get(k, {}).get("win_rate", 0) >= search["confidence"]
         assert ts == search["params_ts"][k] or won, search
     assert all(math.isfinite(v) for v in search["fid"].values())
-    assert "(searched)" in (repo / "reports/summary.md").read_text()
+    summary = (repo / "reports/summary.md").read_text()
+    for k, ts in search["chosen"].items():  # the table says whether the search replaced sample.ts
+        label = "(searched)" if ts != search["params_ts"][k] else "(given; the search did not beat it)"
+        assert re.search(r"\|\s*" + re.escape(f"{' '.join(map(str, ts))} {label}") + r"\s*\|", summary), summary
 
 
 def test_exp_run_of_a_distill_key_reruns_distill_and_after_only(smoke_repo):

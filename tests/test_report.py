@@ -17,6 +17,7 @@ from cmpipe.pipeline.report import (
     crossing,
     edit_markdown,
     headline,
+    mark_ts_search,
     protocol_markdown,
     results_table,
     summary_markdown,
@@ -123,6 +124,19 @@ def test_the_table_is_ordered_cm_steps_then_each_teacher_sampler_by_nfe():
                                   "teacher_euler_nfe1", "teacher_euler_nfe2",
                                   "teacher_dpm_nfe3", "teacher_dpm_nfe4", "teacher_dpm_nfe6", "teacher_dpm_nfe8",
                                   "teacher_dpm_nfe12"]
+
+
+def test_the_table_says_whether_the_search_replaced_the_given_ts():
+    sets = _sets(FID)
+    sets["cm_nfe2"].update(ts=[0, 9], ts_searched=True)    # the search's [0, 9] beat sample.ts's [0, 11]
+    sets["cm_nfe3"].update(ts=[0, 8, 12], ts_searched=True)  # its [0, 9, 15] lost: sample.ts stayed
+    search = {"chosen": {"2": [0, 9], "3": [0, 8, 12]}, "params_ts": {"2": [0, 11], "3": [0, 8, 12]}}
+    table = results_table(_metrics(FID), mark_ts_search(sets, search)).set_index("set")
+    assert table.loc["cm_nfe2", "ts"] == "0 9 (searched)"
+    assert table.loc["cm_nfe3", "ts"] == "0 8 12 (given; the search did not beat it)"
+    assert table.loc["cm_nfe1", "ts"] == "" and table.loc["teacher_heun_nfe35", "ts"] == ""
+    # No search (search_ts false, or no file): nothing is marked.
+    assert mark_ts_search(_sets(FID), {"search_ts": False}) == _sets(FID)
 
 
 def test_the_protocol_is_a_short_table_not_json():

@@ -16,7 +16,7 @@ import pandas as pd
 from cmpipe.errors import InputError
 from cmpipe.pipeline import figures
 from cmpipe.pipeline.layout import EMA_SELECTION_NAME, TRAINING_TIME_NAME
-from cmpipe.sampling.kinds import KINDS, SAMPLER_NAMES, TEACHER_KINDS
+from cmpipe.sampling.kinds import KINDS, SAMPLER_NAMES, TEACHER_KINDS, set_name
 
 # The teacher's samplers, in the order of the summary, and their names there.
 TEACHER_SAMPLERS = {kind: SAMPLER_NAMES[kind] for kind in TEACHER_KINDS}
@@ -50,6 +50,24 @@ def read_training_report(folder: Path) -> dict:
             "timing": read_json(folder / TRAINING_TIME_NAME), "unused": read_json(folder / "unused.json")}
 
 
+def mark_ts_search(sets: dict, search: dict) -> dict:
+    """sets.json marks every cm set the ts search ran for as ts_searched; where the search's best
+    lost to sample.ts (reports/ts_search.json's params_ts, kept unless beaten with confidence),
+    mark it ts_kept instead, so that the table does not call the given ts a searched one."""
+    for steps, given in (search.get("params_ts") or {}).items():
+        info = sets.get(set_name("cm", int(steps)))
+        if info and info.get("ts_searched") and list(info.get("ts", [])) == list(given):
+            info["ts_searched"], info["ts_kept"] = False, True
+    return sets
+
+
+def ts_label(info: dict) -> str:
+    ts = " ".join(map(str, info.get("ts", [])))
+    if info.get("ts_searched"):
+        return f"{ts} (searched)"
+    return f"{ts} (given; the search did not beat it)" if info.get("ts_kept") else ts
+
+
 def results_table(metrics: dict, sets: dict) -> pd.DataFrame:
     """One row per sample set: the consistency model's steps first, then each teacher sampler (in
     the order of cmpipe.sampling.kinds), each by NFE. Column sampler holds the kind."""
@@ -62,7 +80,7 @@ def results_table(metrics: dict, sets: dict) -> pd.DataFrame:
         if made_by.get("init") == "midtrain":  # post-trained from the mid-trained model
             model = f"midtrain → {model}"
         rows.append({"set": name, "sampler": info["kind"], "model": model or "teacher", "NFE": info["nfe"],
-                     "ts": " ".join(map(str, info.get("ts", []))) + (" (searched)" if info.get("ts_searched") else ""),
+                     "ts": ts_label(info),
                      "FID": metrics.get("fid", {}).get(name), "KID": metrics.get("kid", {}).get(name),
                      "s/image": info.get("seconds_per_image"), "images": info.get("count"),
                      "device": info.get("device")})
