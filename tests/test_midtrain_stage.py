@@ -31,8 +31,8 @@ CPU = torch.device("cpu")
 
 
 def midtrain_params(**kw):
-    base = dict(pairs="cache", seed=4, batch_size=6, points_per_trajectory=None, dropout=0.0, metric="l2", huber_c=None, lpips_net="alex",
-                lpips_resize=None)
+    base = dict(pairs="cache", seed=4, batch_size=6, points_per_trajectory=None, dropout=0.0, metric="l2",
+                huber_c=None, lpips_net="alex", lpips_resize=None)
     return SimpleNamespace(**{**base, **kw})
 
 

@@ -51,21 +51,21 @@ def read_training_report(folder: Path) -> dict:
 
 
 def mark_ts_search(sets: dict, search: dict) -> dict:
-    """sets.json marks every cm set the ts search ran for as ts_searched; where the search's best
-    lost to sample.ts (reports/ts_search.json's params_ts, kept unless beaten with confidence),
-    mark it ts_kept instead, so that the table does not call the given ts a searched one."""
+    """sets.json marks every cm set the ts search ran for as ts_searched; mark ts_kept where the
+    search's best lost to sample.ts (reports/ts_search.json's params_ts, kept unless beaten with
+    confidence), so that the table does not call the given ts a searched one."""
     for steps, given in (search.get("params_ts") or {}).items():
         info = sets.get(set_name("cm", int(steps)))
-        if info and info.get("ts_searched") and list(info.get("ts", [])) == list(given):
-            info["ts_searched"], info["ts_kept"] = False, True
+        if info and info.get("ts_searched"):
+            info["ts_kept"] = list(info.get("ts", [])) == list(given)
     return sets
 
 
 def ts_label(info: dict) -> str:
     ts = " ".join(map(str, info.get("ts", [])))
-    if info.get("ts_searched"):
-        return f"{ts} (searched)"
-    return f"{ts} (given; the search did not beat it)" if info.get("ts_kept") else ts
+    if info.get("ts_kept"):
+        return f"{ts} (given; the search did not beat it)"
+    return f"{ts} (searched)" if info.get("ts_searched") else ts
 
 
 def results_table(metrics: dict, sets: dict) -> pd.DataFrame:
